@@ -15,7 +15,7 @@ The pieces, one module each:
 * :mod:`~nm_sparse_jax.flops` -- inference FLOPs (the paper's Appendix D).
 """
 
-from nm_sparse_jax import linen, policy, recipes
+from nm_sparse_jax import flops, linen, policy, recipes
 from nm_sparse_jax._masks import NM, nm_mask, parse_nm
 from nm_sparse_jax._sparsify import sparsify
 from nm_sparse_jax.finalize import VerifyReport, finalize, verify
@@ -33,6 +33,7 @@ __all__ = [
   "Rule",
   "VerifyReport",
   "finalize",
+  "flops",
   "linen",
   "nm_mask",
   "nm_sparsity",

@@ -104,7 +104,7 @@ def contraction_axes(axis: int | Sequence[int], ndim: int, *, where: str = "x") 
   >>> contraction_axes(-1, 3), contraction_axes((0, 1), 3)
   ((2,), (0, 1))
   """
-  axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+  axes = (axis,) if isinstance(axis, (int, np.integer)) or not np.iterable(axis) else tuple(axis)
   if not axes:
     raise ValueError(f"{where}: axis=() names no axis")
   out = []

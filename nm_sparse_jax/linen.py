@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -84,16 +83,23 @@ class _InterceptState(threading.local):
     self.plan: SparsityPlan | None = None
     self.done: set[str] = set()
     self.nested = 0
+    self.active = False
 
 
 _STATE = _InterceptState()
 
 
 def _owned_targets(plan: SparsityPlan, module: nn.Module) -> list[str]:
+  """The selected parameters under ``module``, or none unless it declares one itself.
+
+  Only a module that declares a selected parameter (a ``Dense``, not its ancestors) is re-run on
+  sparse weights, so the rest of the model keeps its RNG streams and mutable collections.
+  """
   prefix = "/".join(module.path)
   leaves = jax.tree_util.tree_flatten_with_path(module.variables.get("params", {}))[0]
-  paths = ["/".join(filter(None, (prefix, path_str(p)))) for p, _ in leaves]
-  return [p for p in paths if p in plan]
+  direct = {"/".join(filter(None, (prefix, path_str(p)))): len(p) == 1 for p, _ in leaves}
+  selected = [p for p in direct if p in plan]
+  return selected if any(direct[p] for p in selected) else []
 
 
 @contextlib.contextmanager
@@ -125,8 +131,9 @@ def intercept(policy: Policy, step: jax.typing.ArrayLike) -> Iterator[None]:
   >>> y
   Array([[ 2., -3.]], dtype=float32)
   """
-  if _STATE.plan is not None:
+  if _STATE.active:
     raise ValueError("nm_sparse_jax.linen.intercept contexts do not nest")
+  _STATE.active = True
 
   def interceptor(next_fun, args, kwargs, context):
     module = context.module
@@ -140,18 +147,16 @@ def intercept(policy: Policy, step: jax.typing.ArrayLike) -> Iterator[None]:
     prefix = "/".join(module.path)
     params = module.variables["params"]
     sub_plan = SparsityPlan(
-      targets={
-        p[len(prefix) + 1 :] if prefix else p: _STATE.plan[p]
-        for p in owned
-      },
+      targets={p[len(prefix) + 1 :] if prefix else p: _STATE.plan[p] for p in owned},
       paths=(),
     )
     variables = {**module.variables, "params": policy.apply(params, step, plan=sub_plan)}
     _STATE.done.update(owned)
     _STATE.nested += 1
     try:
+      rngs = {name: rng.as_jax_rng() for name, rng in module.scope.rngs.items()}
       return module.clone(parent=None).apply(
-        variables, *args, method=context.method_name, **kwargs
+        variables, *args, method=context.method_name, rngs=rngs, **kwargs
       )
     finally:
       _STATE.nested -= 1
@@ -167,4 +172,4 @@ def intercept(policy: Policy, step: jax.typing.ArrayLike) -> Iterator[None]:
           f"methods, so they were not sparsified: {', '.join(missing)}"
         )
   finally:
-    _STATE.plan, _STATE.done, _STATE.nested = None, set(), 0
+    _STATE.plan, _STATE.done, _STATE.nested, _STATE.active = None, set(), 0, False

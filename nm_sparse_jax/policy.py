@@ -160,13 +160,17 @@ class Policy:
   recipe: Recipe | None = None
 
   def __post_init__(self):
+    if not self.rules:
+      raise ValueError("a Policy needs at least one Rule; with none, nothing would be sparse")
     rules = []
     for i, rule in enumerate(self.rules):
       rule = Rule(*rule) if not isinstance(rule, Rule) else rule
       try:
         re.compile(rule.pattern)
       except re.error as e:
-        raise ValueError(f"rule {i}: pattern {rule.pattern!r} is not a regular expression: {e}")
+        raise ValueError(
+          f"rule {i}: pattern {rule.pattern!r} is not a regular expression: {e}"
+        ) from None
       recipe = rule.recipe if rule.recipe is not None else self.recipe
       if recipe is None:
         raise ValueError(f"rule {i} ({rule.pattern!r}) has no recipe and the policy has none")
@@ -207,16 +211,18 @@ class Policy:
     for (_, leaf), path in zip(leaves, paths):
       if path not in claims:
         continue
-      first = claims[path][0]
-      for other in claims[path][1:]:
-        a, b = self.rules[first], self.rules[other]
-        if (self._rule_recipe(a), a.axis) != (self._rule_recipe(b), b.axis):
+      first, *others = claims[path]
+      target = self._target(path, leaf, first)
+      for other in others:
+        alternative = self._target(path, leaf, other)
+        if (alternative.recipe, alternative.axes) != (target.recipe, target.axes):
+          a, b = self.rules[first], self.rules[other]
           raise ValueError(
-            f"{path}: claimed by rule {first} ({a.pattern!r}, "
-            f"{self._rule_recipe(a)}) and rule {other} ({b.pattern!r}, {self._rule_recipe(b)}), "
-            "which disagree"
+            f"{path}: claimed by rule {first} ({a.pattern!r}, {target.recipe}, axis "
+            f"{target.axes}) and rule {other} ({b.pattern!r}, {alternative.recipe}, axis "
+            f"{alternative.axes}), which disagree"
           )
-      targets[path] = self._target(path, leaf, first)
+      targets[path] = target
     return SparsityPlan(targets=targets, paths=paths)
 
   def _target(self, path: str, leaf: Any, index: int) -> Target:
@@ -238,7 +244,9 @@ class Policy:
     size = math.prod(shape[a] for a in axes)
     axis_text = axes[0] if len(axes) == 1 else axes
     if recipe.nm is not None and size % recipe.nm.m:
-      raise ValueError(f"{path}: axis {axis_text} has size {size}, not divisible by m={recipe.nm.m}")
+      raise ValueError(
+        f"{where}: axis {axis_text} has size {size}, not divisible by m={recipe.nm.m}"
+      )
     patterns = recipe.patterns(size, where=f"{where} (axis {axis_text})")
     return Target(path, shape, recipe, axes, patterns, index)
 

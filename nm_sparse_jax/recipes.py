@@ -22,10 +22,10 @@ The recipes' sparsification phases (``j' = j - d``, ``L = T - s - d``):
 * ``sdgf_stepwise``: ``D = 0``; ``L`` is split evenly into intervals with the patterns
   ``(M-1):M, (M/2):M, (M/4):M, ..., N:M`` (integer halving, stopping before a value ``<= N``;
   1:8 gives 7:8, 4:8, 2:8, 1:8; 3:8 gives 7:8, 4:8, 3:8; 1:6 gives 5:6, 3:6, 1:6).
-* ``sdgf_geometric``: ``D = 0``; intervals with ``(k*N):(k*M)``, ``k`` halving (integer) down to
-  1 (k=16 and 1:8 give 16:128, 8:64, 4:32, 2:16, 1:8). Where ``k*M`` does not divide the
-  weight's contraction axis, the schedule starts at the largest ``k`` of that halving sequence
-  whose group fits, and a warning names the weight (``fit_k="error"`` raises instead).
+* ``sdgf_geometric``: ``D = 0``; intervals with ``(k*N):(k*M)``, ``k`` (a power of two) halving
+  down to 1 (k=16 and 1:8 give 16:128, 8:64, 4:32, 2:16, 1:8). Where ``k*M`` does not divide
+  the weight's contraction axis, the schedule starts at the largest ``k`` of that halving
+  sequence whose group fits, and a warning names the weight (``fit_k="error"`` raises instead).
 * ``sr_ste`` / ``ste``: forward ``W * Phi``; backward ``g + lambda_w * (1 - Phi) * W`` (SR-STE,
   Zhou et al. 2021) or ``g`` (STE, ``lambda_w = 0``). Optional dense phase ("10K dense").
 * ``dense``: ``W~ = W`` always.
@@ -372,9 +372,7 @@ def ste(
   )
 
 
-def _mdgf(
-  name, nm, total_steps, dense_steps, fine_tune_steps, beta, decay_end, gradient
-) -> Recipe:
+def _mdgf(name, nm, total_steps, dense_steps, fine_tune_steps, beta, decay_end, gradient) -> Recipe:
   total_steps, dense_steps, fine_tune_steps = _phases(
     total_steps, dense_steps, fine_tune_steps, total_required=True
   )
@@ -525,7 +523,7 @@ def sdgf_geometric(
     total_steps: ``T``.
     dense_steps: ``d``.
     fine_tune_steps: ``s``.
-    k: starting multiplier (16 in the paper), >= 1; halved with integer division.
+    k: starting multiplier (16 in the paper), a power of two; halved down to 1.
     fit_k: where ``k*M`` does not divide a weight's contraction axis: "reduce" starts at the
       largest ``k`` of the halving sequence that fits and warns; "error" raises.
     gradient: "autodiff" or "straight_through".
@@ -534,6 +532,8 @@ def sdgf_geometric(
   ['8:16', '4:8', '2:4']
   """
   k = _check_int("k", k, minimum=1)
+  if k & (k - 1):
+    raise ValueError(f"k={k} must be a power of two (the patterns halve k down to 1)")
   if fit_k not in ("reduce", "error"):
     raise ValueError(f"fit_k={fit_k!r} must be 'reduce' or 'error'")
   return _sdgf(

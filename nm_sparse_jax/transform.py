@@ -87,7 +87,8 @@ def _project_fine_tune(policy: Policy, updates: Any, params: Any, next_step: jax
     )
   plan = policy.resolve(params)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(updates)
-  param_leaves = jax.tree_util.tree_leaves(params)
+  # The parameters' leaves in the updates' structure (raises if the two trees differ).
+  param_leaves = treedef.flatten_up_to(params)
   # The fine-tune phase starts at T - s. One conditional per distinct start, so that no mask is
   # computed before it.
   groups: dict[int, list[int]] = {}

@@ -1,5 +1,5 @@
 """Small Flax models with the naming the policy presets know (used by the demo and tests)."""
 
-from nm_sparse_jax.models.vit import ViTConfig, VisionTransformer
+from nm_sparse_jax.models.vit import VisionTransformer, ViTConfig
 
 __all__ = ["ViTConfig", "VisionTransformer"]

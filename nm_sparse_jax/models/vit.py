@@ -98,9 +98,7 @@ class VisionTransformer(nn.Module):
     x = x.reshape(x.shape[0], -1, c.hidden)
     cls = self.param("cls", nn.initializers.zeros, (1, 1, c.hidden))
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.hidden)), x], axis=1)
-    pos = self.param(
-      "pos_embedding", nn.initializers.normal(stddev=0.02), (1, c.tokens, c.hidden)
-    )
+    pos = self.param("pos_embedding", nn.initializers.normal(stddev=0.02), (1, c.tokens, c.hidden))
     x = x + pos
     x = Encoder(c.depth, c.heads, c.mlp_dim, c.dropout, name="Transformer")(x, train=train)
     return nn.Dense(c.num_classes, name="head")(x[:, 0])

@@ -1,0 +1,1 @@
+"""Data sets the project loads from where users already have them (never downloaded)."""
