@@ -63,12 +63,15 @@ class Rule(NamedTuple):
     nm: the N:M pattern (``"1:8"``, ``(1, 8)``, :class:`NM`), or None to use the recipe's.
     recipe: the recipe for these parameters, or None for the policy's recipe.
     axis: the contraction axis (an int or a tuple of adjacent axes), or None to infer it.
+    group: the layer group's name in metrics and reports (``"ff"``, ``"q"``, ...); None names
+      the group after the rule (``"rule_<index>"``). Presets set it.
   """
 
   pattern: str
   nm: NM | str | tuple[int, int] | None = None
   recipe: Recipe | None = None
   axis: Axis | None = None
+  group: str | None = None
 
 
 class Target(NamedTuple):
@@ -80,6 +83,7 @@ class Target(NamedTuple):
   axes: tuple[int, ...]
   patterns: tuple[NM, ...]
   rule: int
+  group: str
 
   @property
   def nm(self) -> NM:
@@ -126,11 +130,12 @@ class SparsityPlan:
 
   def describe(self) -> str:
     """A table of the selected parameters and their schedules."""
-    rows = [("parameter", "shape", "axis", "recipe", "target", "patterns")]
+    rows = [("parameter", "group", "shape", "axis", "recipe", "target", "patterns")]
     for t in self:
       rows.append(
         (
           t.path,
+          t.group,
           "x".join(map(str, t.shape)),
           ",".join(map(str, t.axes)),
           t.recipe.name,
@@ -248,7 +253,8 @@ class Policy:
         f"{where}: axis {axis_text} has size {size}, not divisible by m={recipe.nm.m}"
       )
     patterns = recipe.patterns(size, where=f"{where} (axis {axis_text})")
-    return Target(path, shape, recipe, axes, patterns, index)
+    group = rule.group if rule.group is not None else f"rule_{index}"
+    return Target(path, shape, recipe, axes, patterns, index, group)
 
   def apply(self, params: Any, step: jax.typing.ArrayLike, *, plan: SparsityPlan | None = None):
     """``params`` with every selected kernel replaced by its sparse weight ``W~`` at ``step``.
@@ -327,7 +333,7 @@ def from_groups(naming: str, recipe: Recipe | None, groups: Mapping[str, Any]) -
         raise ValueError(f"layer group {member!r} is given twice (through {name!r})")
       chosen[member] = pattern
   rules = [
-    Rule(regex, pattern, None, axis)
+    Rule(regex, pattern, None, axis, group)
     for group, pattern in chosen.items()
     for regex, axis in layout[group]
   ]

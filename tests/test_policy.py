@@ -107,6 +107,16 @@ def test_t5_1_1_preset(nm_reference):
   _check_applied(params, pol.apply(params, 10), expected, nm_reference)
   _check_applied(params, pol.apply(params, 10, plan=plan), expected, nm_reference)
   assert "mlp/wi_0/kernel" in plan.describe()
+  groups = {path.rsplit("/", 2)[-2]: plan[path].group for path in expected}
+  assert groups == {"wi_0": "ff", "wi_1": "ff", "wo": "ff", "query": "q", "key": "k", "value": "v"}
+
+
+def test_rules_without_a_group_are_named_after_their_index():
+  plan = Policy([Rule("mlp/wo/kernel$", "1:8"), Rule("query/kernel$", "1:4", group="attn")], STE)
+  plan = plan.resolve(_t5x_params())
+  assert {t.group for t in plan if "wo" in t.path} == {"rule_0"}
+  assert {t.group for t in plan if "query" in t.path} == {"attn"}
+  assert "rule_0" in plan.describe()
 
 
 def test_apply_jitted_with_a_traced_step(nm_reference):
