@@ -7,7 +7,9 @@ found, e.g. in CI. Run them with the interpreter of a T5X environment, alone by 
 
 Nothing here imports T5X, TensorFlow or seqio into the pytest process: every T5X step runs in a
 subprocess of ``sys.executable`` (the project's ``filterwarnings = error`` would turn their
-import-time deprecation warnings into failures).
+import-time deprecation warnings into failures). The training runs that several test modules
+read (``dense_run``, ``sparse_run``, ``wmt_run``, ``sr_ste_glue_run``) are session fixtures here,
+each trained once.
 """
 
 from __future__ import annotations
@@ -55,6 +57,10 @@ def _env(devices: int = 1) -> dict[str, str]:
   return env
 
 
+def _launch(via, module: str) -> list:
+  return [*via, module] if via else ["-m", module]
+
+
 class Harness:
   """Runs T5X commands and our checkpoint command in subprocesses; keeps each log."""
 
@@ -78,16 +84,21 @@ class Harness:
       pytest.fail(f"{log}: exit {proc.returncode}, expected {expect_rc}; log tail:\n{tail}")
     return proc.returncode, proc.stdout
 
-  def train(self, model_dir, gin_files, bindings=(), **kwargs):
-    """``python -m t5x.train`` with ``gin/`` on the search path and ``MODEL_DIR=model_dir``."""
-    args = ["-m", "t5x.train", f"--gin_search_paths={GIN}"]
+  def train(self, model_dir, gin_files, bindings=(), *, flags=(), via=(), **kwargs):
+    """``python -m t5x.train`` with ``gin/`` on the search path and ``MODEL_DIR=model_dir``.
+
+    ``flags``: other flags of the module (``--tfds_data_dir=...``). ``via``: a script and its
+    arguments that runs the module instead of ``python -m`` (``offline_t5.py run SPM``).
+    """
+    args = [*_launch(via, "t5x.train"), f"--gin_search_paths={GIN}", *flags]
     args += [f"--gin_file={g}" for g in gin_files]
     args += [f"--gin.MODEL_DIR='{model_dir}'", *[f"--gin.{b}" for b in bindings]]
     return self.run(args, log=kwargs.pop("log", pathlib.Path(model_dir).name), **kwargs)
 
-  def evaluate(self, checkpoint, out_dir, gin_files, bindings=(), **kwargs):
-    """``python -m t5x.eval`` of ``checkpoint`` into ``out_dir``."""
-    args = ["-m", "t5x.eval", f"--gin_search_paths={GIN}"]
+  def evaluate(self, checkpoint, out_dir, gin_files, bindings=(), *, flags=(), via=(), **kwargs):
+    """``python -m t5x.eval`` of ``checkpoint`` into ``out_dir`` (``flags``, ``via``: as
+    for :meth:`train`)."""
+    args = [*_launch(via, "t5x.eval"), f"--gin_search_paths={GIN}", *flags]
     args += [f"--gin_file={g}" for g in gin_files]
     args += [f"--gin.CHECKPOINT_PATH='{checkpoint}'", f"--gin.EVAL_OUTPUT_DIR='{out_dir}'"]
     args += [f"--gin.{b}" for b in bindings]
@@ -104,21 +115,30 @@ class Harness:
 
   def summaries(self, folder) -> dict[str, dict[int, float]]:
     """Scalars of the TensorBoard event files under ``folder``: ``{tag: {step: value}}``."""
+    return self.summaries_of([folder])[0]
+
+  def summaries_of(self, folders) -> list[dict[str, dict[int, float]]]:
+    """:meth:`summaries` of each of ``folders``, read by one subprocess."""
     found = self.python(
       f"""
       import glob, json
       import tensorflow as tf
-      out = {{}}
-      for path in sorted(glob.glob({str(folder)!r} + "/**/events.out.tfevents.*", recursive=True)):
-        for event in tf.compat.v1.train.summary_iterator(path):
-          for v in event.summary.value:
-            if v.HasField("tensor") and not v.tensor.string_val:
-              out.setdefault(v.tag, {{}})[event.step] = float(tf.make_ndarray(v.tensor))
-      print(json.dumps(out))
+      found = []
+      for folder in {[str(f) for f in folders]!r}:
+        out = {{}}
+        for path in sorted(glob.glob(folder + "/**/events.out.tfevents.*", recursive=True)):
+          for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+              if v.HasField("tensor") and not v.tensor.string_val:
+                out.setdefault(v.tag, {{}})[event.step] = float(tf.make_ndarray(v.tensor))
+        found.append(out)
+      print(json.dumps(found))
       """,
       log="summaries",
     )
-    return {tag: {int(k): v for k, v in steps.items()} for tag, steps in found.items()}
+    return [
+      {tag: {int(k): v for k, v in steps.items()} for tag, steps in one.items()} for one in found
+    ]
 
   def params(self, checkpoint, paths) -> dict[str, list]:
     """Selected parameters (by '/'-joined path) of a T5X checkpoint, as nested lists."""
@@ -135,7 +155,132 @@ class Harness:
       log="params",
     )
 
+  def compare_checkpoints(self, a, b) -> dict[str, dict]:
+    """Every parameter of checkpoints ``a`` and ``b``: ``{path: {"diff", "scale", "same_mask"}}``.
+
+    ``diff`` is the largest absolute difference, ``scale`` the largest magnitude in ``a``, and
+    ``same_mask`` (selected kernels only, per the N:M macros of ``a``'s run's ``config.gin``)
+    whether the target N:M masks ``Phi`` of the two kernels are equal.
+    """
+    return self.python(
+      f"""
+      import json, os
+      import jax, numpy as np
+      from nm_sparse_jax import nm_mask
+      from nm_sparse_jax.policy import path_str
+      from nm_sparse_jax.t5x.checkpoint import load_state, make_policy, policy_from_config
+
+      def leaves(path):
+        target = load_state(path)["target"]
+        return {{path_str(p): np.asarray(x)
+                 for p, x in jax.tree_util.tree_flatten_with_path(target)[0]}}
+
+      a, b = leaves({str(a)!r}), leaves({str(b)!r})
+      with open(os.path.join(os.path.dirname({str(a)!r}), "config.gin")) as f:
+        plan = make_policy(**policy_from_config(f.read())).resolve(a)
+      out = {{k: {{"diff": float(np.max(np.abs(a[k] - b[k]))),
+                  "scale": float(np.max(np.abs(a[k])))}} for k in a}}
+      for t in plan:
+        mask = lambda w: np.asarray(nm_mask(w, t.nm.n, t.nm.m, axis=t.axes))
+        out[t.path]["same_mask"] = bool(np.array_equal(mask(a[t.path]), mask(b[t.path])))
+      print(json.dumps(out))
+      """,
+      log="compare_checkpoints",
+    )
+
+  @staticmethod
+  def predictions(eval_dir, task: str) -> list[str]:
+    """The decoded predictions of ``task`` in the first inference file of a T5X eval folder."""
+    path = sorted((pathlib.Path(eval_dir) / "inference_eval").glob(f"{task}-0*.jsonl"))[0]
+    return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
+
 
 @pytest.fixture(scope="session")
 def t5x_harness(tmp_path_factory) -> Harness:
   return Harness(tmp_path_factory.mktemp("t5x"))
+
+
+# The tiny MDGF-Linear run (gin/tiny/sparse.gin) with its trainer, from scratch.
+SPARSE = ("tiny/pretrain.gin", "tiny/sparse.gin", "nm/trainer.gin")
+# Shrinks a GLUE/WMT run to the tiny model and task: gin/tiny/arch.gin plus these bindings.
+TINY_RUN = (
+  "MIXTURE_OR_TASK_MODULE=None",
+  "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
+  "BATCH_SIZE=8",
+  "USE_CACHED_TASKS=False",
+  "train/utils.DatasetConfig.seed=0",
+  "utils.SaveCheckpointConfig.period=4",
+)
+
+
+@pytest.fixture(scope="session")
+def sparse_gin() -> tuple[str, ...]:
+  return SPARSE
+
+
+@pytest.fixture(scope="session")
+def tiny_run() -> tuple[str, ...]:
+  return TINY_RUN
+
+
+@pytest.fixture(scope="session")
+def sparse_run(t5x_harness):
+  """10 steps from scratch with the default Adafactor, through the whole schedule."""
+  model_dir = t5x_harness.root / "sparse"
+  t5x_harness.train(model_dir, SPARSE)
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def dense_run(t5x_harness):
+  """A dense tiny pretraining run (stock T5X): the checkpoints that fine-tuning starts from."""
+  model_dir = t5x_harness.root / "dense"
+  t5x_harness.train(model_dir, ["tiny/pretrain.gin"])
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def wmt_run(t5x_harness):
+  """wmt/train.gin + wmt/ff1-16_mdgf_exponential.gin shrunk: Adam + nm_sparsity, 8 steps from
+  scratch (dense j < 1, fine-tune j >= 6), checkpoints 0, 4, 8, BLEU-style inference eval."""
+  model_dir = t5x_harness.root / "wmt_tiny"
+  t5x_harness.train(
+    model_dir,
+    ["wmt/train.gin", "wmt/ff1-16_mdgf_exponential.gin", "tiny/arch.gin"],
+    [
+      *TINY_RUN,
+      "MIXTURE_OR_TASK_NAME='nm_tiny_copy'",
+      "TRAIN_STEPS=8",
+      "NM_TOTAL_STEPS=8",
+      "NM_DENSE_STEPS=1",
+      "NM_FINE_TUNE_STEPS=2",
+      "train.eval_period=4",
+      "train.eval_steps=2",
+    ],
+  )
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def sr_ste_glue_run(t5x_harness, dense_run):
+  """glue/finetune.gin + glue/ff1-4_sr_ste_10k_dense.gin shrunk: AdamW + nm_sparsity, SR-STE 1:4
+  on the FF kernels, 8 steps with the "10K dense" phase shrunk to j < 2, summaries every 2 steps,
+  checkpoints 0, 4, 8. It starts from the dense run's checkpoint_0 (fresh weights, Table 15's
+  learning-rate warmup keeps them near it): its decodes differ from example to example, which
+  gives the eval comparisons of tests/t5x something to compare."""
+  model_dir = t5x_harness.root / "glue_sr_ste"
+  t5x_harness.train(
+    model_dir,
+    ["glue/finetune.gin", "glue/ff1-4_sr_ste_10k_dense.gin", "tiny/arch.gin"],
+    [
+      *TINY_RUN,
+      "MIXTURE_OR_TASK_NAME='nm_tiny_classify'",
+      f"INITIAL_CHECKPOINT_PATH='{dense_run / 'checkpoint_0'}'",
+      "TRAIN_STEPS=8",
+      "NM_TOTAL_STEPS=8",
+      "NM_DENSE_STEPS=2",
+      "EVAL_PERIOD=2",
+      "EVAL_STEPS=2",
+    ],
+  )
+  return model_dir

@@ -100,17 +100,34 @@ def test_hook_gradients_metrics_and_decoding_match_the_formulas(t5x_harness):
 def test_glue_and_wmt_configurations_build_and_fit_the_real_models(t5x_harness):
   """Every gin/glue and gin/wmt configuration parses with its run file, builds the sparse model
   and trainer, and its policy resolves against the real T5 1.1 base / WMT parameter shapes
-  (contraction axes divisible by every pattern's M)."""
+  (contraction axes divisible by every pattern's M). The eval files parse alone and with a
+  configuration file. The model's vocabulary equals the registered task's, as T5X checks before
+  it starts (utils.verify_matching_vocabs)."""
   result = t5x_harness.python(
     f"""
     import glob, json, os, warnings
-    import gin, jax
+    import gin, jax, seqio
     import t5x
     from nm_sparse_jax.t5x import NMSparseModel, NMSparseTrainer
 
     def train(**kwargs):
       return kwargs
     train = gin.configurable(train)
+
+    def evaluate(**kwargs):
+      return kwargs
+    evaluate = gin.configurable(evaluate)
+
+    def vocabulary_matches(model, dataset_cfg):
+      task = seqio.get_mixture_or_task(dataset_cfg.mixture_or_task_name)
+      return (task.output_features["inputs"].vocabulary == model.input_vocabulary
+              and task.output_features["targets"].vocabulary == model.output_vocabulary)
+
+    def parse(files, bindings):
+      gin.clear_config()
+      for path in (gin_dir, t5x_root):
+        gin.add_config_file_search_path(path)
+      gin.parse_config_files_and_bindings(files, bindings)
 
     gin_dir = {str(GIN)!r}
     t5x_root = os.path.dirname(os.path.dirname(t5x.__file__))
@@ -121,10 +138,7 @@ def test_glue_and_wmt_configurations_build_and_fit_the_real_models(t5x_harness):
         name = os.path.relpath(config, gin_dir)
         if name in (run, "glue/eval.gin", "wmt/eval.gin", "wmt/architecture.gin"):
           continue
-        gin.clear_config()
-        for path in (gin_dir, t5x_root):
-          gin.add_config_file_search_path(path)
-        gin.parse_config_files_and_bindings([run, name], ["MODEL_DIR = '/tmp/unused'"])
+        parse([run, name], ["MODEL_DIR = '/tmp/unused'"])
         kwargs = train()
         model, trainer_cls = kwargs["model"], kwargs["trainer_cls"]
         assert isinstance(model, NMSparseModel) and issubclass(trainer_cls, NMSparseTrainer)
@@ -142,16 +156,36 @@ def test_glue_and_wmt_configurations_build_and_fit_the_real_models(t5x_harness):
           "total": kwargs["total_steps"],
           "optimizer": type(model.optimizer_def).__name__,
           "warnings": len(caught),
+          "vocabulary": vocabulary_matches(model, kwargs["train_dataset_cfg"]),
+        }}
+      for config in (None, sorted(glob.glob(f"{{gin_dir}}/{{family}}/ff1-*.gin"))[0]):
+        files = [f"{{family}}/eval.gin"] + ([os.path.relpath(config, gin_dir)] if config else [])
+        parse(files, ["CHECKPOINT_PATH = '/tmp/unused'", "EVAL_OUTPUT_DIR = '/tmp/unused'"])
+        kwargs = evaluate()
+        out[" + ".join(files)] = {{
+          "sparse": isinstance(kwargs["model"], NMSparseModel),
+          "vocabulary": vocabulary_matches(kwargs["model"], kwargs["dataset_cfg"]),
         }}
     print(json.dumps(out))
     """,
     log="configs",
   )
+  evals = {k: result.pop(k) for k in list(result) if k.split(" + ")[0].endswith("/eval.gin")}
+  assert evals == {
+    "glue/eval.gin": {"sparse": False, "vocabulary": True},
+    "glue/eval.gin + glue/ff1-32_sdgf_geometric_10k_dense.gin": {
+      "sparse": True,
+      "vocabulary": True,
+    },
+    "wmt/eval.gin": {"sparse": False, "vocabulary": True},
+    "wmt/eval.gin + wmt/ff1-128_mdgf_exponential.gin": {"sparse": True, "vocabulary": True},
+  }
   glue = {k: v for k, v in result.items() if k.startswith("glue/")}
   wmt = {k: v for k, v in result.items() if k.startswith("wmt/")}
   assert len(glue) == 1 + 5 * 5 and len(wmt) == 1 + 4 * 3
   for name, r in result.items():
     assert r["optimizer"] == "OptaxWrapper", (name, r)
+    assert r["vocabulary"], (name, r)
     assert r["total"] == (1_100_000 if name.startswith("glue/") else 200_000), (name, r)
   # T5 1.1 base: 12 + 12 layers; FF = wi_0, wi_1, wo; Q/K = 12 + 2 x 12 attentions.
   assert glue["glue/ff1-4_sr_ste_10k_dense.gin"]["kernels"] == 24 * 3

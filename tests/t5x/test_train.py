@@ -12,33 +12,14 @@ import base64
 import json
 
 import numpy as np
-import pytest
 
-SPARSE = ["tiny/pretrain.gin", "tiny/sparse.gin", "nm/trainer.gin"]
 FF_KERNEL = "encoder/layers_0/mlp/wo/kernel"
 Q_KERNEL = "decoder/layers_1/self_attention/query/kernel"
 
 
-@pytest.fixture(scope="module")
-def sparse_run(t5x_harness):
-  """10 steps from scratch with the default Adafactor, through the whole schedule."""
-  model_dir = t5x_harness.root / "sparse"
-  t5x_harness.train(model_dir, SPARSE)
-  return model_dir
-
-
-@pytest.fixture(scope="module")
-def dense_run(t5x_harness):
-  """A dense tiny pretraining run (stock T5X): the checkpoint that fine-tuning starts from."""
-  model_dir = t5x_harness.root / "dense"
-  t5x_harness.train(model_dir, ["tiny/pretrain.gin"])
-  return model_dir
-
-
 def test_training_reaches_fine_tune_phase_with_metrics_in_summaries(t5x_harness, sparse_run):
   assert json.loads((sparse_run / "nm_sparsity.json").read_text()) == {"start_step": 0}
-  train = t5x_harness.summaries(sparse_run / "train")
-  evals = t5x_harness.summaries(sparse_run / "training_eval")
+  train, evals = t5x_harness.summaries_of([sparse_run / "train", sparse_run / "training_eval"])
   # Step 5: j = 4, D = 0.5; step 10: j = 9, fine-tune phase, hard N:M.
   assert train["nm_sparsity/step"] == {5: 4.0, 10: 9.0}
   assert train["nm_sparsity/ff/decay"] == {5: 0.5, 10: 0.0}
@@ -91,21 +72,17 @@ def test_eval_with_model_gin_matches_plain_t5x_eval_of_export(t5x_harness, spars
   t5x_harness.evaluate(exported / "checkpoint_10", plain_out, ["tiny/eval.gin"])
   assert "nm_t5x" not in (plain_out / "config.gin").read_text()
   assert "nm_t5x.sparsify_model" in (sparse_out / "config.gin").read_text()
-
-  def predictions(folder):
-    (path,) = (folder / "inference_eval").glob("nm_tiny_classify-0*.jsonl")
-    return [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
-
-  assert predictions(sparse_out) == predictions(plain_out)
-  assert len(predictions(plain_out)) == 16
+  plain = t5x_harness.predictions(plain_out, "nm_tiny_classify")
+  assert t5x_harness.predictions(sparse_out, "nm_tiny_classify") == plain
+  assert len(plain) == 16
 
 
-def test_resume_across_phase_boundary_continues_schedule(t5x_harness, sparse_run):
+def test_resume_across_phase_boundary_continues_schedule(t5x_harness, sparse_run, sparse_gin):
   """5 steps, then a restart to 10 (crossing into the fine-tune phase at j = 6): the same
   parameters and summaries as the uninterrupted run."""
   model_dir = t5x_harness.root / "resumed"
-  t5x_harness.train(model_dir, SPARSE, ["TRAIN_STEPS=5"], log="resume_part1")
-  t5x_harness.train(model_dir, SPARSE, ["TRAIN_STEPS=10"], log="resume_part2")
+  t5x_harness.train(model_dir, sparse_gin, ["TRAIN_STEPS=5"], log="resume_part1")
+  t5x_harness.train(model_dir, sparse_gin, ["TRAIN_STEPS=10"], log="resume_part2")
   assert json.loads((model_dir / "nm_sparsity.json").read_text()) == {"start_step": 0}
   train = t5x_harness.summaries(model_dir / "train")
   assert train["nm_sparsity/step"] == {5: 4.0, 10: 9.0}
@@ -136,11 +113,11 @@ def test_fine_tune_from_dense_checkpoint_schedule_starts_at_its_step(t5x_harness
   assert list((model_dir / "inference_eval").glob("*.jsonl"))  # decoding on the final weights
 
 
-def test_optax_chain_state_is_partitioned_on_two_devices(t5x_harness):
+def test_optax_chain_state_is_partitioned_on_two_devices(t5x_harness, sparse_gin):
   """AdamW + nm_sparsity on 2 CPU devices: NMSparsityState gets its partition rule (replicated
   count), kernels are sharded, and the projection makes the saved checkpoint exactly N:M."""
   model_dir = t5x_harness.root / "optax_2dev"
-  t5x_harness.train(model_dir, [*SPARSE, "tiny/optax.gin"], devices=2)
+  t5x_harness.train(model_dir, [*sparse_gin, "tiny/optax.gin"], devices=2)
   info = (model_dir / "model-info.txt").read_text()
   count_lines = [line for line in info.splitlines() if "param_states/1/count" in line]
   assert len(count_lines) == 1 and count_lines[0].endswith("partition spec None"), count_lines
@@ -153,12 +130,12 @@ def test_optax_chain_state_is_partitioned_on_two_devices(t5x_harness):
   t5x_harness.checkpoint("verify", model_dir / "checkpoint_10", log="verify_optax", expect_rc=0)
 
 
-def test_groups_straddling_shards_are_refused(t5x_harness):
+def test_groups_straddling_shards_are_refused(t5x_harness, sparse_gin):
   """1:16 on wo (64 rows) split over 8 devices gives 8 rows per shard: a clear error."""
   model_dir = t5x_harness.root / "straddle"
   _, out = t5x_harness.train(
     model_dir,
-    SPARSE,
+    sparse_gin,
     ["NM_FF='1:16'", "network.T5Config.num_heads=8", "network.T5Config.head_dim=4"],
     devices=8,
     expect_rc=1,
@@ -167,18 +144,9 @@ def test_groups_straddling_shards_are_refused(t5x_harness):
   assert "mlp/wo/kernel: axis 0 of size 64 is split over 8 devices" in out
 
 
-# Shrinks a GLUE/WMT run to the tiny model and task: gin/tiny/arch.gin plus these bindings.
-_TINY_RUN = [
-  "MIXTURE_OR_TASK_MODULE=None",
-  "TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 32}",
-  "BATCH_SIZE=8",
-  "USE_CACHED_TASKS=False",
-  "train/utils.DatasetConfig.seed=0",
-  "utils.SaveCheckpointConfig.period=4",
-]
-
-
-def test_glue_configuration_fine_tunes_tiny_model_from_adafactor_checkpoint(t5x_harness, dense_run):
+def test_glue_configuration_fine_tunes_tiny_model_from_adafactor_checkpoint(
+  t5x_harness, dense_run, tiny_run
+):
   """glue/finetune.gin + a Table 4 file, shrunk: AdamW + nm_sparsity restored from an Adafactor
   checkpoint (fresh optimizer state), SDGF-Stepwise 1:8 FF + 1:8 QK over 8 steps from step 10;
   the last checkpoint is exactly N:M as saved."""
@@ -187,7 +155,7 @@ def test_glue_configuration_fine_tunes_tiny_model_from_adafactor_checkpoint(t5x_
     model_dir,
     ["glue/finetune.gin", "glue/ff1-8_qk1-8_sdgf_stepwise_10k_dense.gin", "tiny/arch.gin"],
     [
-      *_TINY_RUN,
+      *tiny_run,
       "MIXTURE_OR_TASK_NAME='nm_tiny_classify'",
       f"INITIAL_CHECKPOINT_PATH='{dense_run / 'checkpoint_10'}'",
       "TRAIN_STEPS=18",
@@ -205,28 +173,13 @@ def test_glue_configuration_fine_tunes_tiny_model_from_adafactor_checkpoint(t5x_
   t5x_harness.checkpoint("verify", model_dir / "checkpoint_18", log="verify_glue", expect_rc=0)
 
 
-def test_wmt_configuration_trains_tiny_model_from_scratch(t5x_harness):
+def test_wmt_configuration_trains_tiny_model_from_scratch(t5x_harness, wmt_run):
   """wmt/train.gin + a Table 5 file, shrunk: Adam + nm_sparsity, MDGF-Exponential 1:16 on the
   single-ReLU FF (mlp/wi, mlp/wo), with T5X's BLEU-style inference eval (beam search)."""
-  model_dir = t5x_harness.root / "wmt_tiny"
-  t5x_harness.train(
-    model_dir,
-    ["wmt/train.gin", "wmt/ff1-16_mdgf_exponential.gin", "tiny/arch.gin"],
-    [
-      *_TINY_RUN,
-      "MIXTURE_OR_TASK_NAME='nm_tiny_copy'",
-      "TRAIN_STEPS=8",
-      "NM_TOTAL_STEPS=8",
-      "NM_DENSE_STEPS=1",
-      "NM_FINE_TUNE_STEPS=2",
-      "train.eval_period=4",
-      "train.eval_steps=2",
-    ],
-  )
-  train = t5x_harness.summaries(model_dir / "train")
+  train = t5x_harness.summaries(wmt_run / "train")
   assert train["nm_sparsity/ff/phase"][8] == 2.0 and train["nm_sparsity/ff/sparsity"][8] == 15 / 16
-  assert list((model_dir / "inference_eval").glob("*.jsonl"))
-  t5x_harness.checkpoint("verify", model_dir / "checkpoint_8", log="verify_wmt", expect_rc=0)
+  assert list((wmt_run / "inference_eval").glob("*.jsonl"))
+  t5x_harness.checkpoint("verify", wmt_run / "checkpoint_8", log="verify_wmt", expect_rc=0)
 
 
 def test_stock_trainer_with_sparse_model_is_refused(t5x_harness):
