@@ -23,7 +23,6 @@ makes gin build a generated subclass, whose bindings a subclass of the original 
 from __future__ import annotations
 
 import contextlib
-import re
 import threading
 from collections.abc import Mapping
 
@@ -32,9 +31,9 @@ import jax.numpy as jnp
 from clu import metrics as clu_metrics
 
 from nm_sparse_jax import finalize
-from nm_sparse_jax.policy import LAYER_GROUPS, Policy, SparsityPlan, path_str
+from nm_sparse_jax.policy import Policy, SparsityPlan, path_str
 
-__all__ = ["NMSparseModel", "layer_group", "sparsify_model", "sparsity_metrics"]
+__all__ = ["NMSparseModel", "sparsify_model", "sparsity_metrics"]
 
 METRIC_PREFIX = "nm_sparsity"
 # A step after the end of every schedule (int32 max): the fine-tune phase of every recipe.
@@ -60,28 +59,13 @@ def _transformed():
     _PASSTHROUGH.active = previous
 
 
-def layer_group(path: str, rule: int, naming: str = "t5_1_1") -> str:
-  """The layer group of a selected kernel, for metric names: ``ff``, ``q``, ``k``, ``v``, ``o``.
-
-  Paths that no group of ``LAYER_GROUPS[naming]`` matches are named after their rule.
-
-  >>> layer_group("decoder/layers_1/self_attention/key/kernel", 3)
-  'k'
-  >>> layer_group("encoder/dense/kernel", 0)
-  'rule_0'
-  """
-  for group, members in LAYER_GROUPS[naming].items():
-    if any(re.search(regex, path) for regex, _ in members):
-      return group
-  return f"rule_{rule}"
-
-
 def sparsity_metrics(
   plan: SparsityPlan, sparse_params, step: jax.typing.ArrayLike
 ) -> dict[str, jax.Array]:
   """Scalars describing the sparse weights at ``step``, per layer group and overall.
 
-  For each layer group ``g`` (:func:`layer_group`; the schedule of its first kernel):
+  For each layer group ``g`` (the rules' ``group``: ``ff``, ``q``, ``k``, ``v``, ``o`` for the
+  presets, else ``rule_<index>``; the schedule of its first kernel):
 
   * ``g/sparsity``: realised sparsity, the fraction of exact zeros of ``W~`` in the group;
   * ``g/pattern``: the mask in use, ``0`` = dense, ``i + 1`` = pattern ``i`` of
@@ -106,7 +90,7 @@ def sparsity_metrics(
   sizes: dict[str, int] = {}
   first = {}
   for target in plan:
-    group = layer_group(target.path, target.rule)
+    group = target.group
     w = jax.lax.stop_gradient(leaves[target.path])
     zeros[group] = zeros.get(group, 0) + jnp.sum(w == 0).astype(jnp.float32)
     sizes[group] = sizes.get(group, 0) + w.size
