@@ -29,6 +29,8 @@ def _demo(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
   if args.what == "masks":
     from nm_sparse_jax.bench.masks import main as bench_main
+  elif args.what == "spmm":
+    from nm_sparse_jax.bench.spmm import main as bench_main
   else:
     from nm_sparse_jax.bench.step import main as bench_main
   bench_main(args.rest)
@@ -76,7 +78,7 @@ def _compare(args: argparse.Namespace) -> None:
     resume=args.resume,
     progress=not args.no_progress,
     plots=not args.no_plots,
-    meta={"command": " ".join(sys.argv)},
+    meta={"command": " ".join(["python -m nm_sparse_jax", *args.argv])},
   )
   print((pathlib.Path(args.out) / "results.md").read_text())
 
@@ -99,8 +101,11 @@ def main(argv: Sequence[str] | None = None) -> None:
   demo.add_argument("--no-baseline", action="store_true", help="skip the dense baseline run")
   demo.add_argument("--no-progress", action="store_true", help="no progress bar")
   demo.set_defaults(func=_demo)
-  bench = sub.add_parser("bench", help="benchmarks: 'masks' (nm_mask vs x*y), 'step' (overhead)")
-  bench.add_argument("what", choices=("masks", "step"))
+  bench = sub.add_parser(
+    "bench",
+    help="benchmarks: 'masks' (nm_mask vs x*y), 'step' (overhead), 'spmm' (sparse inference)",
+  )
+  bench.add_argument("what", choices=("masks", "step", "spmm"))
   bench.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options")
   bench.set_defaults(func=_bench)
   cmp = sub.add_parser(
@@ -143,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   cmp.add_argument("--no-progress", action="store_true", help="no progress bar")
   cmp.set_defaults(func=_compare)
   args = parser.parse_args(argv)
+  args.argv = list(sys.argv[1:] if argv is None else argv)
   args.func(args)
 
 

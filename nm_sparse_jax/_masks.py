@@ -214,6 +214,12 @@ def nm_mask(x: jax.typing.ArrayLike, n: int, m: int, *, axis: int | Sequence[int
       f"x with shape {x.shape}: axis {axes if len(axes) > 1 else axes[0]} has size {size}, "
       f"not divisible by m={m}"
     )
+  if jax.default_backend() == "gpu":
+    # On a GPU, optionally the one-pass Pallas kernel (same result; see use_mask_kernel).
+    from nm_sparse_jax.kernels._masks import nm_mask_pallas, use_mask_kernel
+
+    if use_mask_kernel(x, n, m, axes):
+      return nm_mask_pallas(x, n, m, axis=axes)
   grouped = x.reshape(_grouped_shape(x.shape, axes, m))
   keys = _magnitude_keys(grouped)
   index = lax.broadcasted_iota(jnp.int32, grouped.shape, 2)

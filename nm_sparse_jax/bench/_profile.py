@@ -1,0 +1,86 @@
+"""GPU kernel time of jitted callables, read from a ``jax.profiler`` trace.
+
+Wall-clock time of a small JAX call on a GPU is mostly host dispatch (a few µs per kernel that
+XLA cannot put in a CUDA graph, such as a Pallas kernel). The device's own time is the sum of
+the kernel durations on its streams, which the profiler records. The candidates run one after
+the other inside one trace, separated by idle gaps, so that each candidate's kernels form one
+cluster in time.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+__all__ = ["gpu_kernel_seconds"]
+
+
+def _stream_events(trace: dict) -> list[dict]:
+  """Complete events on the GPU streams (kernels, memsets, copies) of a perfetto trace."""
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  gpu_pids = {
+    e["pid"]
+    for e in events
+    if e.get("ph") == "M"
+    and e.get("name") == "process_name"
+    and "gpu" in str(e.get("args", {}).get("name", "")).lower()
+  }
+  threads = {
+    (e["pid"], e.get("tid")): str(e.get("args", {}).get("name", ""))
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu_pids
+  }
+  streams = {key for key, name in threads.items() if name.lower().startswith("stream")}
+  if not streams:  # no stream lines: every GPU line except the derived XLA op/module lines
+    streams = {key for key, name in threads.items() if "xla" not in name.lower()}
+  return [
+    e
+    for e in events
+    if e.get("ph") == "X" and (e["pid"], e.get("tid")) in streams and e.get("dur") is not None
+  ]
+
+
+def gpu_kernel_seconds(
+  fns: Sequence[Callable[[], object]], *, calls: int = 10, gap_s: float = 0.005
+) -> list[float] | None:
+  """Seconds of GPU stream activity per call of each ``fn``, or None if the trace has none.
+
+  Each ``fn`` is warmed up, then called ``calls`` times (synchronised at the end) inside one
+  profiler trace, with ``gap_s`` of idle time between candidates. The stream events are split at
+  gaps longer than ``gap_s / 2`` into one cluster per candidate; if the clusters do not match the
+  candidates one to one, None is returned rather than a misattributed time.
+  """
+  if jax.default_backend() != "gpu":
+    return None
+  for fn in fns:
+    jax.block_until_ready(fn())
+  with tempfile.TemporaryDirectory() as log_dir:
+    with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+      for fn in fns:
+        time.sleep(gap_s)
+        out = [fn() for _ in range(calls)]
+        jax.block_until_ready(out)
+      time.sleep(gap_s)
+    paths = glob.glob(f"{log_dir}/**/perfetto_trace.json.gz", recursive=True)
+    if not paths:
+      return None
+    with gzip.open(paths[0]) as f:
+      trace = json.load(f)
+  events = sorted(_stream_events(trace), key=lambda e: e["ts"])
+  if not events:
+    return None
+  clusters, end = [[events[0]]], events[0]["ts"] + events[0]["dur"]
+  for e in events[1:]:
+    if e["ts"] - end > gap_s * 1e6 / 2:
+      clusters.append([])
+    clusters[-1].append(e)
+    end = max(end, e["ts"] + e["dur"])
+  if len(clusters) != len(fns):
+    return None
+  return [sum(e["dur"] for e in c) * 1e-6 / calls for c in clusters]

@@ -1,0 +1,306 @@
+"""``y = x @ W`` for an N:M kernel ``W`` in the compressed format, as Pallas (Triton) kernels.
+
+With ``C = K*n/m`` kept weights per output and ``k(o, c) = (c // n)*m + index[o, c]``:
+
+    y[t, o] = sum_c values[o, c] * x[t, k(o, c)]
+
+Two kernels compute it, both reading only the compressed weight (``C*(2 + 1)`` bytes per output
+for bfloat16 values) and accumulating in float32:
+
+* ``"gather"`` (few tokens): each program owns ``block_out`` outputs and all tokens; it walks the
+  compressed columns ``block_k`` at a time, gathers ``x[t, k(o, c)]`` (``x`` is small and stays
+  in L1/L2) and multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work.
+* ``"dot"`` (many tokens): each program owns ``block_out`` outputs and ``block_t`` tokens; it
+  expands a ``(block_out, block_k)`` tile of ``W^T`` from (values, index) in registers --
+  ``Wt[o, g*m + j] = sum_s values[o, g*n+s] * (index[o, g*n+s] == j)`` -- and multiplies it
+  with the ``x`` tile on the tensor cores (``acc^T = Wt @ x^T``, so the many outputs fill the
+  matrix unit's M dimension and the few tokens its N dimension). It does the dense FLOPs but
+  moves only the compressed bytes. With ``split_k > 1`` the ``K`` loop is split over programs
+  (float32 partial sums, added by XLA), for shapes with few output tiles.
+
+Backend: Pallas's Triton lowering, because the few-token kernel is a per-lane gather
+(``x[t, k(o, c)]`` with a different ``k`` in every lane), which Triton expresses directly and
+Mosaic GPU (warpgroup-level arrays, TMA tiles) does not; measured on an H100 it runs a one-token
+ViT-L FFN product in 1.8-3.5 µs of GPU time at 1:8 and sparser, against 7.5-17 µs for XLA's
+dense bfloat16 (BENCHMARKS.md).
+
+On a CPU the kernels run in Pallas interpret mode (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from nm_sparse_jax.export._compressed import NMCompressed
+
+__all__ = [
+  "SpmmConfig",
+  "candidate_configs",
+  "default_config",
+  "nm_matmul",
+  "nm_matmul_reference",
+]
+
+VARIANTS = ("gather", "dot")
+
+
+class SpmmConfig(NamedTuple):
+  """Block sizes and launch parameters of an N:M matmul kernel (all powers of two).
+
+  Attributes:
+    variant: "gather" (CUDA-core gather-FMA) or "dot" (expand a tile, tensor-core dot).
+    block_out: outputs per program.
+    block_k: "gather": compressed columns per step; "dot": dense inputs per step.
+    block_t: "dot": tokens per program (the "gather" kernel takes all tokens).
+    num_warps: warps per program.
+    num_stages: software-pipelining depth of the loop over ``K``.
+    split_k: "dot": programs along ``K`` (float32 partial sums, added by XLA), for more
+      parallelism when ``O`` is small and ``K`` large.
+  """
+
+  variant: str = "gather"
+  block_out: int = 16
+  block_k: int = 64
+  block_t: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  split_k: int = 1
+
+
+def _pow2_at_least(v: int) -> int:
+  return 1 << max(v - 1, 0).bit_length()
+
+
+def _pow2_dividing(v: int, cap: int) -> int:
+  """The largest power of two that divides ``v``, at most ``cap``."""
+  return min(v & -v, cap)
+
+
+def _dot_config(tokens: int, out_features: int) -> SpmmConfig:
+  """64 outputs by 16-128 tokens per program, split along ``K`` until ~256 programs run."""
+  if tokens <= 32:
+    block_t, num_warps = _pow2_at_least(tokens), 4
+  elif (out_features // 64) * pl.cdiv(tokens, 128) >= 128:
+    block_t, num_warps = 128, 8
+  else:
+    block_t, num_warps = 64, 4
+  programs = max(out_features // 64, 1) * pl.cdiv(tokens, block_t)
+  split_k = 1 if programs >= 128 else min(4, _pow2_at_least(256 // programs))
+  return SpmmConfig("dot", 64, 128, block_t, num_warps, 3, split_k)
+
+
+def candidate_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
+  """A few configurations worth timing for ``tokens`` rows and ``out_features`` outputs, the
+  default (:func:`default_config`) first.
+
+  * up to 8 tokens: ``"gather"`` with about 256 (or 128) programs, ~2K gathered elements a step;
+  * more: ``"dot"`` with 64 outputs by 16-128 tokens per program, split along ``K`` when fewer
+    than 128 programs would run, and its unsplit form (and ``"gather"`` up to 32 tokens).
+
+  The choices come from ``bench spmm`` on an H100 (BENCHMARKS.md), ViT-L FFN shapes: at one
+  token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens ``"dot"``
+  with ``split_k=4`` (1.3x-3.4x faster than unsplit, and faster than ``"gather"`` except at
+  1:128); at 197 tokens unsplit ``"dot"`` on 1024x4096 and ``split_k=4`` on 4096x1024.
+  """
+  block_t = _pow2_at_least(tokens)
+  few = min(max(out_features // 256, 4), 32)
+  gather = tuple(
+    SpmmConfig("gather", bo, max(2048 // (bo * block_t), 8), block_t, 4, 2) for bo in (few, 2 * few)
+  )
+  if tokens <= 8:
+    return gather
+  dot = _dot_config(tokens, out_features)
+  unsplit = (dot._replace(split_k=1),) if dot.split_k > 1 else ()
+  if tokens > 32:
+    return (dot, *unsplit)
+  return (dot, *unsplit, SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2))
+
+
+def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
+  """The configuration :func:`nm_matmul` uses when given none: the first of
+  :func:`candidate_configs`, which won in most cases of the H100 measurements (BENCHMARKS.md).
+  """
+  return candidate_configs(tokens, c.out_features)[0]
+
+
+def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
+  """One program: ``block_out`` outputs, all tokens (padded to ``block_t``)."""
+  row0 = pl.program_id(0) * block_out
+  per_row = v_ref.shape[1]
+  t = jnp.minimum(jnp.arange(block_t, dtype=jnp.int32), tokens - 1)
+  t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
+
+  def step(i, acc):
+    c0 = pl.multiple_of(i * block_k, block_k)
+    v = v_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.float32)
+    j = i_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.int32)
+    c = c0 + jnp.arange(block_k, dtype=jnp.int32)
+    k = (c // n)[None, :] * m + j  # (block_out, block_k) input of each kept weight
+    k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
+    xg = x_ref[t3, k3].astype(jnp.float32)  # (block_out, block_k, block_t)
+    return acc + jnp.sum(v[:, :, None] * xg, axis=1)
+
+  acc = jnp.zeros((block_out, block_t), jnp.float32)
+  acc = jax.lax.fori_loop(0, per_row // block_k, step, acc)
+  t_out = jnp.arange(block_t, dtype=jnp.int32)
+  ok = jnp.broadcast_to((t_out < tokens)[:, None], (block_t, block_out))
+  plgpu.store(
+    o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], acc.T.astype(o_ref.dtype), mask=ok
+  )
+
+
+def _dot_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, split_k):
+  """One program: ``block_out`` outputs by ``block_t`` tokens by ``K / split_k`` inputs, a
+  tensor-core dot per ``block_k`` tile; with ``split_k > 1`` it writes a float32 partial sum."""
+  row0 = pl.program_id(0) * block_out
+  t0 = pl.program_id(1) * block_t
+  steps = x_ref.shape[1] // (block_k * split_k)
+  first = pl.program_id(2) * steps
+  block_c = block_k * n // m
+  groups = block_k // m
+  t = t0 + jnp.arange(block_t, dtype=jnp.int32)
+  t_ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_k))
+  j = jnp.arange(m, dtype=jnp.int32)[None, None, :]
+
+  def step(i, acc):
+    k0 = pl.multiple_of((first + i) * block_k, block_k)
+    c0 = pl.multiple_of((first + i) * block_c, block_c)
+    xt = plgpu.load(x_ref.at[pl.ds(t0, block_t), pl.ds(k0, block_k)], mask=t_ok, other=0.0)
+    wt = jnp.zeros((block_out, groups, m), jnp.float32)
+    for s in range(n):
+      cols = pl.ds(c0 + s, groups, stride=n) if n > 1 else pl.ds(c0, groups)
+      v = v_ref[pl.ds(row0, block_out), cols].astype(jnp.float32)
+      idx = i_ref[pl.ds(row0, block_out), cols].astype(jnp.int32)
+      wt = wt + jnp.where(idx[:, :, None] == j, v[:, :, None], 0.0)
+    wt = wt.reshape(block_out, block_k).astype(xt.dtype)
+    # acc^T += Wt @ x^T: contract the K axes of both tiles.
+    return acc + jax.lax.dot_general(
+      wt, xt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+    )
+
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_out, block_t), jnp.float32))
+  ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_out))
+  tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
+  tile = (pl.program_id(2), *tile) if split_k > 1 else tile
+  plgpu.store(o_ref.at[tile], acc.T.astype(o_ref.dtype), mask=ok)
+
+
+def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfig:
+  """Clamps block sizes to the problem so that every block divides its dimension."""
+  if config.variant not in VARIANTS:
+    raise ValueError(f"SpmmConfig.variant={config.variant!r}; expected one of {VARIANTS}")
+  for name in ("block_out", "block_k", "block_t", "num_warps", "split_k"):
+    value = getattr(config, name)
+    if value < 1 or value & (value - 1):
+      raise ValueError(f"SpmmConfig.{name}={value} is not a power of two")
+  block_out = _pow2_dividing(c.out_features, config.block_out)
+  if config.variant == "gather":
+    per_row = c.values.shape[1]
+    return config._replace(
+      block_out=block_out,
+      block_k=_pow2_dividing(per_row, config.block_k),
+      block_t=_pow2_at_least(tokens),
+      split_k=1,
+    )
+  if c.m & (c.m - 1):
+    raise ValueError(f"the 'dot' N:M kernel needs m a power of two, got m={c.m}")
+  block_k = max(_pow2_dividing(c.in_features, config.block_k), c.m)
+  if c.in_features % block_k:
+    raise ValueError(f"the 'dot' N:M kernel needs m={c.m} to divide K={c.in_features}")
+  split_k = min(config.split_k, c.in_features // block_k)
+  return config._replace(
+    block_out=block_out,
+    block_k=block_k,
+    block_t=min(config.block_t, _pow2_at_least(tokens)),
+    split_k=split_k,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("n", "m", "config", "interpret"))
+def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
+  tokens = x.shape[0]
+  out_features = values.shape[0]
+  kwargs = dict(
+    n=n, m=m, tokens=tokens, block_out=config.block_out, block_k=config.block_k,
+    block_t=config.block_t,
+  )  # fmt: skip
+  out_shape = jax.ShapeDtypeStruct((tokens, out_features), x.dtype)
+  if config.variant == "gather":
+    kernel = functools.partial(_gather_kernel, **kwargs)
+    grid = (out_features // config.block_out,)
+  else:
+    kernel = functools.partial(_dot_kernel, split_k=config.split_k, **kwargs)
+    grid = (out_features // config.block_out, pl.cdiv(tokens, config.block_t), config.split_k)
+    if config.split_k > 1:
+      out_shape = jax.ShapeDtypeStruct((config.split_k, tokens, out_features), jnp.float32)
+  y = pl.pallas_call(
+    kernel,
+    out_shape=out_shape,
+    grid=grid,
+    compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+    interpret=interpret,
+    name=f"nm_matmul_{config.variant}_{n}_{m}",
+  )(x, values, index)
+  return jnp.sum(y, axis=0).astype(x.dtype) if y.ndim == 3 else y
+
+
+def nm_matmul(
+  x: jax.typing.ArrayLike,
+  w: NMCompressed,
+  *,
+  config: SpmmConfig | None = None,
+  interpret: bool | None = None,
+) -> jax.Array:
+  """``x @ W`` for a compressed N:M kernel ``w`` seen as ``(K, O)``, contracting ``x``'s last axis.
+
+  ``y[..., o] = sum_c w.values[o, c] * x[..., (c // n)*m + w.index[o, c]]``, accumulated in
+  float32 and returned in ``x``'s dtype; ``x`` is cast to ``w.values``' dtype (bfloat16 for the
+  GPU kernels).
+
+  Args:
+    x: ``(..., K)`` activations.
+    w: the compressed kernel (:func:`~nm_sparse_jax.export.compress`).
+    config: kernel and block sizes; default :func:`default_config` for the token count.
+    interpret: run in Pallas interpret mode; default: when the default backend is not a GPU.
+
+  Returns:
+    ``(..., O)``.
+
+  Raises:
+    ValueError: ``x``'s last axis is not ``K``, or a bad ``config``.
+
+  >>> from nm_sparse_jax.export import compress
+  >>> w = jnp.array([[0.0, 1.0], [3.0, 0.0], [0.0, 0.0], [-2.0, 4.0]])  # (in=4, out=2), 1:2
+  >>> nm_matmul(jnp.array([[1.0, 2.0, 3.0, 4.0]]), compress(w, 1, 2))
+  Array([[-2., 17.]], dtype=float32)
+  """
+  x = jnp.asarray(x)
+  k = w.in_features
+  if x.shape[-1] != k:
+    raise ValueError(f"nm_matmul: x has shape {x.shape}; its last axis must be K={k}")
+  lead = x.shape[:-1]
+  x2 = x.reshape(math.prod(lead), k).astype(w.values.dtype)
+  tokens = x2.shape[0]
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  config = _check_config(config or default_config(tokens, w), w, tokens)
+  y = _nm_matmul_2d(x2, w.values, w.index, n=w.n, m=w.m, config=config, interpret=interpret)
+  return y.reshape(*lead, w.out_features).astype(x.dtype)
+
+
+def nm_matmul_reference(x: jax.typing.ArrayLike, w: NMCompressed) -> jax.Array:
+  """The same product with XLA ops (gather + multiply + sum), float32 accumulation."""
+  x = jnp.asarray(x)
+  per_row = w.values.shape[1]
+  k = (jnp.arange(per_row, dtype=jnp.int32) // w.n)[None, :] * w.m + w.index.astype(jnp.int32)
+  gathered = jnp.take(x.astype(jnp.float32), k, axis=-1)  # (..., O, C)
+  values = w.values.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + w.values.shape)
+  y = jnp.sum(gathered * values, axis=-1)
+  return y.astype(x.dtype)

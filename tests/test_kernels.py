@@ -1,0 +1,183 @@
+"""The Pallas kernels against NumPy: on a CPU in Pallas interpret mode, compiled on a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nm_sparse_jax import nm_mask
+from nm_sparse_jax.export import compress, decompress
+from nm_sparse_jax.kernels import (
+  SpmmConfig,
+  candidate_configs,
+  default_config,
+  nm_mask_pallas,
+  nm_matmul,
+  nm_matmul_reference,
+  use_mask_kernel,
+)
+from nm_sparse_jax.kernels._masks import MASK_KERNEL_ENV, MaskConfig
+
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas Triton kernels need a GPU")
+
+
+def _nm_weight(key, k, o, n, m, dtype):
+  w = jax.random.normal(key, (k, o), jnp.float32).astype(dtype)
+  return jnp.where(nm_mask(w, n, m, axis=0), w, jnp.zeros((), dtype))
+
+
+def _relerr(y, w, x):
+  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  return np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+
+
+SPMM = [
+  # (K, O, n, m, T, config)
+  (128, 32, 1, 16, 3, SpmmConfig("gather", 16, 64, 4)),  # block_k clamped to the 8 per row
+  (128, 16, 2, 8, 1, SpmmConfig("gather", 8, 32, 1, num_warps=2)),
+  (128, 32, 1, 8, 20, SpmmConfig("dot", 16, 64, 16)),
+  (256, 32, 2, 4, 37, SpmmConfig("dot", 32, 64, 16, split_k=2)),
+  (256, 16, 1, 32, 18, SpmmConfig("dot", 16, 128, 32, split_k=4)),  # split clamped to 2
+  (64, 16, 4, 8, 16, SpmmConfig("dot", 16, 32, 16)),
+]
+
+
+@pytest.mark.parametrize("k, o, n, m, t, config", SPMM)
+def test_nm_matmul_interpret_matches_float64(k, o, n, m, t, config):
+  kw, kx = jax.random.split(jax.random.key(k + o + t))
+  w = _nm_weight(kw, k, o, n, m, jnp.float32)
+  x = jax.random.normal(kx, (t, k), jnp.float32)
+  y = jax.jit(lambda x, c: nm_matmul(x, c, config=config, interpret=True))(x, compress(w, n, m))
+  assert y.shape == (t, o) and y.dtype == jnp.float32
+  assert _relerr(y, w, x) < 1e-5
+
+
+def test_nm_matmul_bfloat16_and_leading_axes():
+  w = _nm_weight(jax.random.key(0), 64, 32, 1, 8, jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (2, 3, 64), jnp.float32).astype(jnp.bfloat16)
+  y = nm_matmul(x, compress(w, 1, 8), interpret=True)
+  assert y.shape == (2, 3, 32) and y.dtype == jnp.bfloat16
+  ref_x = np.asarray(x.astype(jnp.float32)).reshape(6, 64)
+  assert (
+    _relerr(np.asarray(y.astype(jnp.float32)).reshape(6, 32), w.astype(jnp.float32), ref_x) < 1e-2
+  )
+
+
+def test_nm_matmul_reference_matches_decompressed_product():
+  w = _nm_weight(jax.random.key(2), 32, 8, 2, 4, jnp.float32)
+  x = jax.random.normal(jax.random.key(3), (5, 32))
+  c = compress(w, 2, 4)
+  assert _relerr(nm_matmul_reference(x, c), decompress(c), x) < 1e-6
+
+
+def test_configs():
+  assert default_config(1, compress(jnp.ones((16, 4096)), 1, 4)) == candidate_configs(1, 4096)[0]
+  assert {c.variant for c in candidate_configs(4, 1024)} == {"gather"}
+  assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1)
+  assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 64, 128, 64, 4, 3, 4)
+  assert candidate_configs(16, 1024)[0].split_k == 4
+
+
+def test_nm_matmul_errors():
+  c = compress(jnp.ones((16, 4)), 1, 4)
+  with pytest.raises(ValueError, match="last axis must be K=16"):
+    nm_matmul(jnp.ones((2, 8)), c, interpret=True)
+  with pytest.raises(ValueError, match="variant='wide'"):
+    nm_matmul(jnp.ones((2, 16)), c, config=SpmmConfig("wide"), interpret=True)
+  with pytest.raises(ValueError, match="block_out=12 is not a power of two"):
+    nm_matmul(jnp.ones((2, 16)), c, config=SpmmConfig("gather", 12), interpret=True)
+  with pytest.raises(ValueError, match="needs m a power of two, got m=6"):
+    nm_matmul(jnp.ones((2, 12)), compress(jnp.ones((12, 4)), 1, 6), config=SpmmConfig("dot"))
+
+
+def _tied(key, shape, dtype):
+  """Values on a coarse grid: many exact ties, zeros and both signs."""
+  return (jnp.round(jax.random.normal(key, shape) * 2) / 2).astype(dtype)
+
+
+MASKS = [
+  ((16, 24), 0, 2, 4, jnp.float32),
+  ((256, 12), 0, 16, 128, jnp.float32),
+  ((256, 40), 0, 16, 128, jnp.bfloat16),
+  ((6, 64, 3), (0, 1), 3, 8, jnp.float32),
+  ((7, 32), 1, 1, 8, jnp.bfloat16),
+  ((5, 64, 4), 1, 5, 16, jnp.float16),
+  ((128, 8), 0, 127, 128, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("shape, axis, n, m, dtype", MASKS)
+def test_mask_kernel_interpret_matches_numpy(shape, axis, n, m, dtype, nm_reference):
+  for x in (_tied(jax.random.key(0), shape, dtype), jax.random.normal(jax.random.key(1), shape)):
+    x = x.astype(dtype)
+    got = nm_mask_pallas(x, n, m, axis=axis, interpret=True)
+    assert got.dtype == jnp.bool_ and got.shape == shape
+    np.testing.assert_array_equal(np.asarray(got), nm_reference(x.astype(jnp.float32), n, m, axis))
+
+
+def test_mask_kernel_tilings_and_special_values(nm_reference):
+  x = jax.random.normal(jax.random.key(2), (64, 20)).at[0, 0].set(jnp.inf).at[5, 3].set(-0.0)
+  for config in (MaskConfig(), MaskConfig(4, 256, 2), MaskConfig(64, 8192, 4)):
+    got = nm_mask_pallas(x, 3, 32, axis=0, interpret=True, config=config)
+    np.testing.assert_array_equal(np.asarray(got), nm_reference(x, 3, 32, 0))
+
+
+def test_mask_kernel_has_no_gradient():
+  grad = jax.grad(lambda w: jnp.sum(jnp.where(nm_mask_pallas(w, 1, 4, interpret=True), w, 0.0)))
+  np.testing.assert_array_equal(
+    np.asarray(grad(jnp.arange(8.0).reshape(4, 2))), [[0, 0]] * 3 + [[1, 1]]
+  )
+
+
+def test_mask_kernel_errors():
+  with pytest.raises(ValueError, match="m a power of two <= 4096; got dtype float32, m=6"):
+    nm_mask_pallas(jnp.ones((12, 2)), 3, 6)
+  with pytest.raises(ValueError, match="got dtype int32"):
+    nm_mask_pallas(jnp.ones((8, 2), jnp.int32), 1, 4)
+  with pytest.raises(ValueError, match="not divisible by m=8"):
+    nm_mask_pallas(jnp.ones((12, 2)), 1, 8)
+
+
+def test_use_mask_kernel_policy(monkeypatch):
+  x = jnp.ones((128, 4))
+  monkeypatch.delenv(MASK_KERNEL_ENV, raising=False)
+  assert not use_mask_kernel(x, 16, 128, (0,))  # opt-in
+  monkeypatch.setenv(MASK_KERNEL_ENV, "auto")
+  assert use_mask_kernel(x, 16, 128, (0,)) and use_mask_kernel(x, 8, 64, (0,))
+  assert not use_mask_kernel(x, 1, 128, (0,))  # one XLA pass
+  assert not use_mask_kernel(x, 2, 4, (0,))  # all-pairs XLA pass
+  assert not use_mask_kernel(jnp.ones((96, 4)), 16, 96, (0,))  # m not a power of two
+  monkeypatch.setenv(MASK_KERNEL_ENV, "1")
+  assert use_mask_kernel(x, 2, 4, (0,))
+  monkeypatch.setenv(MASK_KERNEL_ENV, "0")
+  assert not use_mask_kernel(x, 16, 128, (0,))
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [1, 16, 197])
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 8), (1, 128)])
+def test_nm_matmul_on_gpu(t, n, m):
+  w = _nm_weight(jax.random.key(t), 1024, 512, n, m, jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (t, 1024), jnp.float32).astype(jnp.bfloat16)
+  c = compress(w, n, m)
+  for config in candidate_configs(t, 512):
+    y = jax.jit(lambda x, c, config=config: nm_matmul(x, c, config=config))(x, c)
+    err = _relerr(y.astype(jnp.float32), w.astype(jnp.float32), x.astype(jnp.float32))
+    assert err < 1e-2, config
+
+
+@needs_gpu
+@pytest.mark.parametrize("n, m", [(16, 128), (8, 64), (1, 8), (2, 4)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mask_kernel_on_gpu_matches_xla(n, m, dtype, monkeypatch):
+  x = _tied(jax.random.key(3), (768, 512), dtype)
+  monkeypatch.setenv(MASK_KERNEL_ENV, "0")
+  xla = jax.jit(lambda v: nm_mask(v, n, m, axis=0))(x)
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(lambda v: nm_mask_pallas(v, n, m))(x)), np.asarray(xla)
+  )
+  monkeypatch.delenv(MASK_KERNEL_ENV)
+  np.testing.assert_array_equal(
+    np.asarray(jax.jit(lambda v: nm_mask(v, n, m, axis=0))(x)), np.asarray(xla)
+  )

@@ -1,0 +1,136 @@
+"""The sparse inference paths give a Flax model's numbers; the spmm benchmark runs and checks."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nm_sparse_jax import finalize, recipes
+from nm_sparse_jax import policy as nmp
+from nm_sparse_jax import sparse_linear as sl
+from nm_sparse_jax.bench import spmm as bench_spmm
+from nm_sparse_jax.export import compress, export, to_bcsr
+from nm_sparse_jax.kernels import SpmmConfig
+from nm_sparse_jax.models.vit import VisionTransformer, ViTConfig
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _relerr(y, ref):
+  y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+  return np.linalg.norm(y - ref) / np.linalg.norm(ref)
+
+
+@pytest.fixture(scope="module")
+def vit():
+  model = VisionTransformer(ViTConfig(hidden=32, depth=2, heads=2, mlp_dim=64))
+  images = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
+  params = model.init(jax.random.key(0), images)["params"]
+  # FF (Dense), query (DenseGeneral, one contracted axis), out (DenseGeneral, two).
+  pol = nmp.vit(recipes.ste(), ff="1:4", q="2:4", o="1:8")
+  hard = finalize(params, pol)
+  return model, images, pol, hard, model.apply({"params": hard}, images)
+
+
+@pytest.mark.parametrize("fmt", ["nm", "bcsr"])
+def test_vit_runs_on_exported_kernels(vit, fmt):
+  model, images, pol, hard, dense = vit
+  variables = {"params": export(hard, pol, format=fmt)}
+  assert _relerr(sl.apply(model, variables, images), dense) < 1e-5
+  assert _relerr(sl.jit_apply(model)(variables, images), dense) < 1e-5
+
+
+def test_jit_apply_compiles_once_per_shape(vit):
+  model, images, pol, hard, _ = vit
+  variables = {"params": export(hard, pol, format="nm")}
+  f = sl.jit_apply(model)
+  f(variables, images)
+  f(variables, images + 1.0)
+  f(variables, images[:1])
+  assert len(f.executables) == 2
+
+
+def test_dense_bias_dtype_and_config():
+  model = nn.Dense(8, dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(2), (3, 16))
+  params = model.init(jax.random.key(3), x)["params"]
+  pol = nmp.Policy([nmp.Rule("kernel", "1:4")], recipes.ste())
+  hard = finalize(params, pol)
+  ref = model.apply({"params": hard}, x)
+  for config in (None, SpmmConfig("dot", 8, 16, 16), SpmmConfig("gather", 4, 4, 4)):
+    y = sl.apply(model, {"params": export(hard, pol)}, x, config=config)
+    assert y.dtype == jnp.bfloat16 and y.shape == (3, 8)
+    assert _relerr(y.astype(jnp.float32), ref.astype(jnp.float32)) < 1e-2
+
+
+def test_linear_paths_agree():
+  w = jnp.where(
+    jnp.arange(32)[:, None] % 4 == 1, jax.random.normal(jax.random.key(4), (32, 6)), 0.0
+  )
+  x = jax.random.normal(jax.random.key(5), (4, 32))
+  ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  assert _relerr(sl.linear(x, compress(w, 1, 4)), ref) < 1e-6
+  assert _relerr(sl.linear(x, to_bcsr(w, 1, 4)), ref) < 1e-6
+  assert _relerr(sl.bcsr_matmul(x.astype(jnp.bfloat16), to_bcsr(w, 1, 4)), ref) < 1e-2
+  with pytest.raises(TypeError, match="expected NMCompressed or BCSRKernel, got ArrayImpl"):
+    sl.linear(x, w)
+  with pytest.raises(ValueError, match="its last axis must be K=32"):
+    sl.bcsr_matmul(x[:, :8], to_bcsr(w, 1, 4))
+
+
+def test_cusparse_flag_is_restored():
+  before = jax.config.jax_bcoo_cusparse_lowering
+  with sl.cusparse_lowering():
+    assert jax.config.jax_bcoo_cusparse_lowering
+  assert jax.config.jax_bcoo_cusparse_lowering == before
+
+
+def test_unsupported_layouts_raise():
+  class Middle(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.DenseGeneral(4, axis=1)(x)  # contracts a non-trailing axis
+
+  x = jnp.ones((2, 8, 3))
+  params = Middle().init(jax.random.key(0), x)["params"]
+  pol = nmp.Policy([nmp.Rule("kernel", "1:4")], recipes.ste())
+  exported = export(finalize(params, pol), pol)
+  with pytest.raises(ValueError, match="contracted axes of x to be its last ones; got axis=1"):
+    sl.apply(Middle(), {"params": exported}, x)
+
+
+def test_spmm_benchmark_checks_every_path(tmp_path, capsys):
+  out = tmp_path / "spmm.json"
+  with jax.numpy_dtype_promotion("standard"):  # the end-to-end ViT runs in bf16 (LayerNorm)
+    result = _run_bench(out)
+  _check_bench(result, out, capsys.readouterr().out)
+
+
+def _run_bench(out):
+  return bench_spmm.main(
+    ["--shapes", "64x32", "--tokens", "20", "--patterns", "2:4,1:8", "--paths", "dense,bcsr,nm",
+     "--copies", "1", "--reps", "3", "--json", str(out), "--e2e", "--e2e-patterns", "1:4",
+     "--e2e-bcsr-patterns", "1:4"]
+  )  # fmt: skip
+
+
+def _check_bench(result, out, printed):
+  records = result["records"]
+  assert {(r["tokens"], r["path"], r["pattern"]) for r in records} == {
+    (t, p, q) for t in (20,) for p, q in [("dense", "dense"), ("bcsr", "2:4"), ("bcsr", "1:8"),
+                                            ("nm", "2:4"), ("nm", "1:8")]
+  }  # fmt: skip
+  assert all(r["ok"] and r["us"] > 0 for r in records)
+  assert all(r["candidates"] for r in records if r["path"] == "nm")
+  assert [(r["path"], r["pattern"]) for r in result["e2e"]] == [
+    ("dense", "dense"), ("bcsr", "1:4"), ("nm", "1:4")
+  ]  # fmt: skip
+  assert all(r["relerr_vs_dense_masked"] < 2e-2 for r in result["e2e"][1:])  # bf16 model
+  saved = json.loads(out.read_text())
+  assert saved["records"] == records and "JAX" in saved["device"]
+  assert "Table 19 form" in printed and "Table 8 form" in printed
+  if not ON_GPU:
+    assert "no GPU" in printed
