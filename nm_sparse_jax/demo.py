@@ -64,17 +64,6 @@ def _groups_text(ff: str | None, attention: str | None) -> str:
   return " + ".join(parts) or "-"
 
 
-def _vit_tokens(config: ViTConfig):
-  def tokens(path: str) -> int:
-    if path.startswith("head/"):
-      return 1
-    if path.startswith("embedding/"):
-      return config.tokens - 1
-    return config.tokens
-
-  return tokens
-
-
 def train_digits(
   config: DemoConfig,
   recipe_name: str,
@@ -150,7 +139,7 @@ def train_digits(
   flops = inference_flops(
     final,
     policy if sparse else None,
-    tokens=_vit_tokens(model_config),
+    tokens=model_config.kernel_tokens,
     extra_dense_flops=attention_einsum_flops(
       tokens=model_config.tokens, hidden=model_config.hidden, layers=model_config.depth
     ),

@@ -41,12 +41,14 @@ from nm_sparse_jax._sparsify import sparsify_with_patterns
 from nm_sparse_jax.recipes import Recipe
 
 __all__ = [
+  "GROUP_ALIASES",
   "LAYER_GROUPS",
   "Policy",
   "Rule",
   "SparsityPlan",
   "Target",
   "from_groups",
+  "group_members",
   "path_str",
   "t5_1_1",
   "vit",
@@ -301,7 +303,26 @@ LAYER_GROUPS = {
     "o": ((r"MultiHeadDotProductAttention_\d+/out/kernel$", (0, 1)),),
   },
 }
-_GROUP_ALIASES = {"qk": ("q", "k"), "qkv": ("q", "k", "v"), "attention": ("q", "k", "v", "o")}
+GROUP_ALIASES = {"qk": ("q", "k"), "qkv": ("q", "k", "v"), "attention": ("q", "k", "v", "o")}
+
+
+def group_members(naming: str, name: str) -> tuple[str, ...]:
+  """The layer groups of ``LAYER_GROUPS[naming]`` that ``name`` stands for (aliases expanded).
+
+  Raises:
+    ValueError: an unknown naming or group name.
+
+  >>> group_members("vit", "qkv"), group_members("t5_1_1", "ff")
+  (('q', 'k', 'v'), ('ff',))
+  """
+  if naming not in LAYER_GROUPS:
+    raise ValueError(f"unknown naming {naming!r}; known: {', '.join(LAYER_GROUPS)}")
+  layout = LAYER_GROUPS[naming]
+  members = GROUP_ALIASES.get(name, (name,) if name in layout else None)
+  if members is None:
+    known = ", ".join(list(layout) + list(GROUP_ALIASES))
+    raise ValueError(f"unknown layer group {name!r} of {naming!r}; groups: {known}")
+  return members
 
 
 def from_groups(naming: str, recipe: Recipe | None, groups: Mapping[str, Any]) -> Policy:
@@ -316,18 +337,12 @@ def from_groups(naming: str, recipe: Recipe | None, groups: Mapping[str, Any]) -
   Raises:
     ValueError: an unknown naming or group, or a group given twice through aliases.
   """
-  if naming not in LAYER_GROUPS:
-    raise ValueError(f"unknown naming {naming!r}; known: {', '.join(LAYER_GROUPS)}")
-  layout = LAYER_GROUPS[naming]
+  layout = LAYER_GROUPS.get(naming)
   chosen: dict[str, Any] = {}
   for name, pattern in groups.items():
+    members = group_members(naming, name)
     if pattern is None:
       continue
-    members = _GROUP_ALIASES.get(name, (name,) if name in layout else None)
-    if members is None:
-      raise ValueError(
-        f"unknown layer group {name!r}; groups: {', '.join(list(layout) + list(_GROUP_ALIASES))}"
-      )
     for member in members:
       if member in chosen:
         raise ValueError(f"layer group {member!r} is given twice (through {name!r})")

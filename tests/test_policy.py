@@ -305,7 +305,10 @@ def test_sdgf_pattern_that_cannot_fit():
 @pytest.mark.parametrize(
   ("groups", "match"),
   [
-    ({"mlp": "1:8"}, r"unknown layer group 'mlp'; groups: ff, q, k, v, o, qk, qkv, attention"),
+    (
+      {"mlp": "1:8"},
+      r"unknown layer group 'mlp' of 't5_1_1'; groups: ff, q, k, v, o, qk, qkv, attention",
+    ),
     ({"qkv": "1:4", "q": "1:8"}, r"layer group 'q' is given twice \(through 'q'\)"),
     ({"attention": "1:4", "qk": "1:4"}, r"layer group 'q' is given twice \(through 'qk'\)"),
     ({"o": "1:4", "attention": "2:4"}, r"layer group 'o' is given twice \(through 'attention'\)"),

@@ -34,6 +34,19 @@ class ViTConfig(NamedTuple):
     """Sequence length: the patches plus the class token."""
     return (self.image_size // self.patch_size) ** 2 + 1
 
+  def kernel_tokens(self, path: str) -> int:
+    """How many tokens the kernel at ``path`` multiplies per image (for FLOP counts): the
+    patches for the embedding, the class token for the head, every token elsewhere.
+
+    >>> ViTConfig().kernel_tokens("head/kernel"), ViTConfig().kernel_tokens("embedding/kernel")
+    (1, 16)
+    """
+    if path.startswith("head/"):
+      return 1
+    if path.startswith("embedding/"):
+      return self.tokens - 1
+    return self.tokens
+
 
 class MlpBlock(nn.Module):
   mlp_dim: int
