@@ -63,6 +63,7 @@ def _compare(args: argparse.Namespace) -> None:
     learning_rate=args.lr,
     dense_fraction=args.dense_fraction,
     fine_tune_fraction=args.fine_tune_fraction,
+    gradient=args.gradient,
     log_every=args.log_every,
     eval_every=args.eval_every,
     eval_examples=args.eval_examples,
@@ -129,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> None:
   cmp.add_argument("--lr", type=float, default=1e-3)
   cmp.add_argument("--dense-fraction", type=float, default=0.1)
   cmp.add_argument("--fine-tune-fraction", type=float, default=0.2)
+  cmp.add_argument(
+    "--gradient",
+    default="autodiff",
+    choices=("autodiff", "straight_through"),
+    help="MDGF/SDGF gradient of pruned weights: D(j)*g (autodiff) or g (straight_through)",
+  )
   cmp.add_argument("--log-every", type=int, default=10)
   cmp.add_argument("--eval-every", type=int, default=250)
   cmp.add_argument("--eval-examples", type=int, default=2000)
