@@ -19,6 +19,9 @@ run (T5X restores the latest checkpoint of ``MODEL_DIR``) reads it back, so the 
 where it stopped. The file sits beside the checkpoints: copy it with them. Binding
 ``start_step`` (an int) overrides the file, which is then rewritten.
 
+**Metrics.** Besides the model's ``nm_sparsity/...`` metrics, the train step reports the cheap
+gradient-flow diagnostics of :func:`gradient_flow_metrics` per layer group.
+
 **Sharding.** At construction the trainer checks that no N:M group straddles a shard boundary:
 for every selected kernel whose contraction axis is partitioned over ``s`` devices, each shard's
 slice of that axis must be a multiple of the largest ``m`` of the kernel's patterns. Straddling
@@ -40,10 +43,17 @@ from jax.sharding import PartitionSpec
 from t5x import trainer as trainer_lib
 from t5x import utils as t5x_utils
 
+from nm_sparse_jax.diagnostics import adam_nu, pooled_variance
 from nm_sparse_jax.policy import SparsityPlan, path_str
-from nm_sparse_jax.t5x._model import NMSparseModel
+from nm_sparse_jax.t5x._model import NMSparseModel, _as_clu
 
-__all__ = ["NMSparseTrainer", "START_STEP_FILE", "shard_problems", "sparse_trainer"]
+__all__ = [
+  "NMSparseTrainer",
+  "START_STEP_FILE",
+  "gradient_flow_metrics",
+  "shard_problems",
+  "sparse_trainer",
+]
 
 START_STEP_FILE = "nm_sparsity.json"
 SHARD_CHECKS = ("error", "warn", "off")
@@ -150,6 +160,31 @@ of m=8']
   return problems
 
 
+def gradient_flow_metrics(plan: SparsityPlan, grads, optimizer_state) -> dict[str, jax.Array]:
+  """The cheap gradient-flow diagnostics of the paper's Fig. 3, per layer group.
+
+  ``<group>/grad_abs_var``: ``Var(|g|)`` over the group's selected kernels (the accumulated
+  gradient of the step); ``<group>/nu_var``: ``Var(nu)`` of Adam's second-moment estimate after
+  the update, where the optimizer is an optax Adam variant (none for T5X's Adafactor, whose
+  second moments are factored). Mask flip rates need the previous step's masks and are left to
+  :func:`nm_sparse_jax.diagnostics.nm_diagnostics` in loops that can carry its state.
+  """
+  by_path = {path_str(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  nu = adam_nu(optimizer_state)
+  nu_by_path = (
+    {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(nu)[0]} if nu else {}
+  )
+  groups: dict[str, list[str]] = {}
+  for target in plan:
+    groups.setdefault(target.group, []).append(target.path)
+  out = {}
+  for group, paths in groups.items():
+    out[f"{group}/grad_abs_var"] = pooled_variance([jnp.abs(by_path[p]) for p in paths])
+    if all(p in nu_by_path for p in paths):
+      out[f"{group}/nu_var"] = pooled_variance([nu_by_path[p] for p in paths])
+  return out
+
+
 class NMSparseTrainer:
   """Mixin of :func:`sparse_trainer`; put before a ``t5x.trainer.Trainer`` class."""
 
@@ -200,16 +235,26 @@ class NMSparseTrainer:
   @functools.cached_property
   def _partitioned_train_step(self):
     def train_step(train_state, batch):
-      return trainer_lib.train_with_lr(
+      # trainer_lib.train_with_lr, with the gradient-flow metrics taken between its two halves.
+      grad_accum, metrics, flax_mutables = trainer_lib.accumulate_grads_microbatched(
+        self._nm_model(train_state),
         train_state,
         batch,
-        learning_rate=self._learning_rate_fn(train_state.step),
-        dropout_rng=self._get_step_rng(train_state.step),
-        model=self._nm_model(train_state),
-        num_microbatches=self._num_microbatches,
-        weight_metrics_computer=self._weight_metrics_computer,
-        data_partition_spec=self._partitioner.data_partition_spec,
+        self._get_step_rng(train_state.step),
+        self._num_microbatches,
+        self._partitioner.data_partition_spec,
       )
+      new_train_state, metrics = trainer_lib.apply_grads(
+        train_state,
+        grad_accum,
+        metrics,
+        self._learning_rate_fn(train_state.step),
+        self._weight_metrics_computer,
+        other_state_variables={"flax_mutables": flax_mutables} if flax_mutables else None,
+      )
+      plan = self._model.nm_policy.resolve(train_state.params)
+      extra = gradient_flow_metrics(plan, grad_accum, new_train_state.param_states)
+      return new_train_state, {**metrics, **_as_clu(extra)}
 
     return self._partitioner.partition(
       train_step,

@@ -11,6 +11,7 @@ import collections
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
 FF_KERNELS = [
@@ -131,6 +132,10 @@ def test_sr_ste_fine_tune_trains_on_w_phi_and_verifies(t5x_harness, sr_ste_glue_
   assert train["nm_sparsity/ff/decay"] == {2: 1.0, 4: 0.0, 6: 0.0, 8: 0.0}
   assert evals["nm_sparsity/ff/phase"] == {2: 1.0, 4: 1.0, 6: 1.0, 8: 2.0}
   assert "nm_sparsity/q/sparsity" not in evals  # FF only
+  # Gradient-flow diagnostics with AdamW: Var(|g|) and Var(nu) of the FF kernels.
+  for name in ("grad_abs_var", "nu_var"):
+    values = train[f"nm_sparsity/ff/{name}"]
+    assert sorted(values) == [2, 4, 6, 8] and all(v > 0 and np.isfinite(v) for v in values.values())
 
   _, out = t5x_harness.checkpoint(
     "verify", sr_ste_glue_run / "checkpoint_4", log="verify_sr_ste_4", expect_rc=1

@@ -30,6 +30,12 @@ def test_training_reaches_fine_tune_phase_with_metrics_in_summaries(t5x_harness,
   for group in ("q", "k", "v"):
     assert train[f"nm_sparsity/{group}/sparsity"][10] == 0.5
   assert "nm_sparsity/o/sparsity" not in train  # NM_ATTENTION_LAYERS = 'qkv'
+  # Gradient-flow diagnostics: Var(|g|) per group; no Var(nu) with Adafactor (factored moments).
+  for group in ("ff", "q", "k", "v"):
+    assert all(
+      v > 0 and np.isfinite(v) for v in train[f"nm_sparsity/{group}/grad_abs_var"].values()
+    )
+  assert not any(k.endswith("/nu_var") for k in train)
   assert evals["nm_sparsity/step"] == {5: 5.0, 10: 10.0}
   assert evals["nm_sparsity/ff/decay"][5] == 0.25
   assert np.isfinite(train["loss"][10])
