@@ -12,10 +12,16 @@ The pieces, one module each:
   fine-tuning);
 * :mod:`~nm_sparse_jax.linen` -- running Flax linen models on ``W~``;
 * :func:`finalize` / :func:`verify` (``finalize``) -- export and N:M verification;
-* :mod:`~nm_sparse_jax.flops` -- inference FLOPs (the paper's Appendix D).
+* :mod:`~nm_sparse_jax.flops` -- inference FLOPs (the paper's Appendix D);
+* :mod:`~nm_sparse_jax.diagnostics` / :mod:`~nm_sparse_jax.training_flops` -- gradient-flow
+  diagnostics and training FLOPs per phase.
+
+Optional layers, imported on their own: ``nm_sparse_jax.t5x`` (needs T5X),
+``nm_sparse_jax.export`` / ``kernels`` / ``sparse_linear`` (GPU inference),
+``nm_sparse_jax.experiments`` (the recipe comparison).
 """
 
-from nm_sparse_jax import flops, linen, policy, recipes
+from nm_sparse_jax import diagnostics, flops, linen, policy, recipes, training_flops
 from nm_sparse_jax._masks import NM, nm_mask, parse_nm
 from nm_sparse_jax._sparsify import sparsify
 from nm_sparse_jax.finalize import VerifyReport, finalize, verify
@@ -32,6 +38,7 @@ __all__ = [
   "Recipe",
   "Rule",
   "VerifyReport",
+  "diagnostics",
   "finalize",
   "flops",
   "linen",
@@ -42,5 +49,6 @@ __all__ = [
   "recipes",
   "sparsify",
   "sparsity_step",
+  "training_flops",
   "verify",
 ]
