@@ -42,6 +42,10 @@ setup(
             "tqdm>=4.60",
             "matplotlib>=3.7",
             "sentencepiece>=0.2",
+            # tests/test_colabs.py runs the notebooks of colabs/ in an ipykernel of this env.
+            "nbclient>=0.7",
+            "nbformat>=5.7",
+            "ipykernel>=6",
         ],
     },
     entry_points={"console_scripts": ["nm-sparse-jax=nm_sparse_jax.__main__:main"]},
