@@ -40,6 +40,11 @@ SPMM = [
   (256, 32, 2, 4, 37, SpmmConfig("dot", 32, 64, 16, split_k=2)),
   (256, 16, 1, 32, 18, SpmmConfig("dot", 16, 128, 32, split_k=4)),  # split clamped to 2
   (64, 16, 4, 8, 16, SpmmConfig("dot", 16, 32, 16)),
+  (96, 16, 1, 8, 9, SpmmConfig("dot", 16, 32, 16, split_k=2)),  # 3 K steps: split -> 1
+  (128, 32, 1, 8, 20, SpmmConfig("gather_t", 8, 4, 8)),  # 3 token tiles, the last padded
+  (256, 16, 2, 4, 5, SpmmConfig("gather_t", 16, 8, 4, split_k=4)),
+  (96, 8, 1, 12, 1, SpmmConfig("gather_t", 8, 64, 16, split_k=2)),  # m not a power of two
+  (128, 16, 3, 8, 33, SpmmConfig("gather_t", 4, 16, 32, split_k=2)),  # C=48: block_k -> 16
 ]
 
 
@@ -77,6 +82,16 @@ def test_configs():
   assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1)
   assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 64, 128, 64, 4, 3, 4)
   assert candidate_configs(16, 1024)[0].split_k == 4
+  # Few kept weights per output: the token-tiled gather first, the dot kernels still tried.
+  assert candidate_configs(16, 4096, 1 / 32)[0] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 16)[1] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 4)
+  assert candidate_configs(197, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
+  assert candidate_configs(197, 4096, 1 / 32)[0].variant == "dot"
+  assert candidate_configs(16, 4096, 1 / 8)[0].variant == "dot"
+  assert {c.variant for c in candidate_configs(16, 4096, 1 / 8)} == {"dot", "gather", "gather_t"}
+  assert candidate_configs(1, 4096, 1 / 128) == candidate_configs(1, 4096)
+  c = compress(jnp.ones((4096, 16)), 1, 128)
+  assert default_config(16, c) == candidate_configs(16, 16, 1 / 128)[0]
 
 
 def test_nm_matmul_errors():
@@ -161,10 +176,22 @@ def test_nm_matmul_on_gpu(t, n, m):
   w = _nm_weight(jax.random.key(t), 1024, 512, n, m, jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (t, 1024), jnp.float32).astype(jnp.bfloat16)
   c = compress(w, n, m)
-  for config in candidate_configs(t, 512):
+  for config in candidate_configs(t, 512, n / m):
     y = jax.jit(lambda x, c, config=config: nm_matmul(x, c, config=config))(x, c)
     err = _relerr(y.astype(jnp.float32), w.astype(jnp.float32), x.astype(jnp.float32))
     assert err < 1e-2, config
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+  "config", [SpmmConfig("dot", 32, 64, 16), SpmmConfig("gather_t", 8, 8, 16)]
+)
+def test_nm_matmul_float32_on_gpu(config):
+  """Float32 operands get float32 products (the dot kernel asks for full precision, not TF32)."""
+  w = _nm_weight(jax.random.key(3), 256, 64, 1, 4, jnp.float32)
+  x = jax.random.normal(jax.random.key(4), (19, 256), jnp.float32)
+  y = jax.jit(lambda x, c: nm_matmul(x, c, config=config))(x, compress(w, 1, 4))
+  assert y.dtype == jnp.float32 and _relerr(y, w, x) < 1e-5
 
 
 @needs_gpu

@@ -24,6 +24,14 @@ def _relerr(y, ref):
   return np.linalg.norm(y - ref) / np.linalg.norm(ref)
 
 
+@pytest.fixture(autouse=True)
+def full_float32_matmuls():
+  """Float32 products in every path: XLA's GPU matmuls default to TF32 (~1e-3 relative error),
+  which would hide (or fake) a 1e-5 disagreement between the paths."""
+  with jax.default_matmul_precision("float32"):
+    yield
+
+
 @pytest.fixture(scope="module")
 def vit():
   model = VisionTransformer(ViTConfig(hidden=32, depth=2, heads=2, mlp_dim=64))
@@ -32,7 +40,8 @@ def vit():
   # FF (Dense), query (DenseGeneral, one contracted axis), out (DenseGeneral, two).
   pol = nmp.vit(recipes.ste(), ff="1:4", q="2:4", o="1:8")
   hard = finalize(params, pol)
-  return model, images, pol, hard, model.apply({"params": hard}, images)
+  with jax.default_matmul_precision("float32"):
+    return model, images, pol, hard, model.apply({"params": hard}, images)
 
 
 @pytest.mark.parametrize("fmt", ["nm", "bcsr"])
@@ -112,8 +121,8 @@ def test_spmm_benchmark_checks_every_path(tmp_path, capsys):
 def _run_bench(out):
   return bench_spmm.main(
     ["--shapes", "64x32", "--tokens", "20", "--patterns", "2:4,1:8", "--paths", "dense,bcsr,nm",
-     "--copies", "1", "--reps", "3", "--json", str(out), "--e2e", "--e2e-patterns", "1:4",
-     "--e2e-bcsr-patterns", "1:4"]
+     "--copies", "1", "--reps", "3", "--json", str(out), "--e2e", "--e2e-model", "tiny",
+     "--e2e-patterns", "1:4", "--e2e-bcsr-patterns", "1:4"]
   )  # fmt: skip
 
 

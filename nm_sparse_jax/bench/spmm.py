@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -177,10 +176,9 @@ def run_case(
   """One shape and token count: every path and pattern, checked, then timed interleaved.
 
   The ``nm`` path is timed with each of ``configs`` (default
-  :func:`~nm_sparse_jax.kernels.candidate_configs`); its record is the fastest correct one, with
-  every candidate's time under ``"candidates"``.
+  :func:`~nm_sparse_jax.kernels.candidate_configs` of the pattern); its record is the fastest
+  correct one, with every candidate's time under ``"candidates"``.
   """
-  configs = tuple(configs or candidate_configs(t, o))
   keys = jax.random.split(jax.random.key(k * 131 + o * 7 + t), 2 * copies)
   xs = [_x(kk, t, k) for kk in keys[:copies]]
   x_ref = np.asarray(xs[0].astype(jnp.float32), np.float64)
@@ -206,7 +204,7 @@ def run_case(
       add("bcsr", text, [x.astype(jnp.float32) for x in xs], ws, ref)
     if "nm" in paths:
       ws = [_operands("nm", w, nm) for w in ws_dense]
-      for config in configs:
+      for config in configs or candidate_configs(t, o, nm.n / nm.m):
         try:
           add("nm", text, xs, ws, ref, config)
         except Exception as e:  # a configuration the compiler rejects is reported, not fatal
@@ -357,20 +355,18 @@ def plot(records: Sequence[dict], path: str) -> bool:
 
 
 def _random_params(model: VisionTransformer, images: jax.Array, dtype) -> Any:
-  """Random normal parameters (std 0.02) of ``model``, in one small jitted function."""
+  """Random normal parameters (std 0.02) of ``model``: one small jitted draw per leaf shape.
+
+  (One draw of all the weights sliced into leaves compiles for minutes on a GPU for ViT-L.)
+  """
   shapes = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
   leaves, tree = jax.tree_util.tree_flatten(shapes)
-
-  @jax.jit
-  def draw(key):
-    sizes = [math.prod(s.shape) for s in leaves]
-    flat = 0.02 * jax.random.normal(key, (sum(sizes),), jnp.float32)
-    starts = np.cumsum([0] + sizes[:-1])
-    return [
-      flat[a : a + size].reshape(s.shape).astype(dtype) for a, size, s in zip(starts, sizes, leaves)
-    ]
-
-  return jax.tree_util.tree_unflatten(tree, draw(jax.random.key(1)))
+  draw = jax.jit(
+    lambda key, shape: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+    static_argnums=1,
+  )
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return jax.tree_util.tree_unflatten(tree, [draw(k, s.shape) for k, s in zip(keys, leaves)])
 
 
 def end_to_end(

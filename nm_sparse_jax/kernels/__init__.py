@@ -1,14 +1,16 @@
 """Pallas GPU kernels for N:M sparsity (Triton backend; Pallas interpret mode on a CPU).
 
 * :func:`nm_matmul` -- ``x @ W`` for a kernel in the compressed N:M format
-  (:class:`~nm_sparse_jax.export.NMCompressed`): a gather-FMA kernel for few tokens and an
-  expand-then-tensor-core kernel for many;
+  (:class:`~nm_sparse_jax.export.NMCompressed`): gather-FMA kernels for few tokens or few kept
+  weights per output and an expand-then-tensor-core kernel for the rest;
 * :func:`nm_mask_pallas` -- the N:M magnitude mask (:func:`~nm_sparse_jax.nm_mask`'s exact
   semantics) in one pass over the weight, by bisection on the magnitudes' bit patterns;
   :func:`~nm_sparse_jax.nm_mask` uses it on a GPU where :func:`use_mask_kernel` says so.
 
-Block sizes were chosen by measurement on an H100 (BENCHMARKS.md); ``bench spmm`` times the
-:func:`candidate_configs` of each case and reports the fastest.
+JAX 0.11 deprecates Pallas's Triton backend (a ``DeprecationWarning`` when a kernel is lowered);
+it still works there. Block sizes were chosen by measurement on an H100 and an H200
+(BENCHMARKS.md); ``bench spmm`` times the :func:`candidate_configs` of each case and reports the
+fastest.
 """
 
 from nm_sparse_jax.kernels._masks import MaskConfig, nm_mask_pallas, use_mask_kernel

@@ -4,12 +4,16 @@ With ``C = K*n/m`` kept weights per output and ``k(o, c) = (c // n)*m + index[o,
 
     y[t, o] = sum_c values[o, c] * x[t, k(o, c)]
 
-Two kernels compute it, both reading only the compressed weight (``C*(2 + 1)`` bytes per output
+Three kernels compute it, all reading only the compressed weight (``C*(2 + 1)`` bytes per output
 for bfloat16 values) and accumulating in float32:
 
 * ``"gather"`` (few tokens): each program owns ``block_out`` outputs and all tokens; it walks the
   compressed columns ``block_k`` at a time, gathers ``x[t, k(o, c)]`` (``x`` is small and stays
   in L1/L2) and multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work.
+* ``"gather_t"`` (tens to hundreds of tokens, very sparse): the same gather-FMA on ``x^T``
+  (``(K, T)``, transposed and padded by XLA), ``block_t`` tokens per program, so that the tokens
+  of one gathered input are one contiguous vector load; ``T*O*C`` FMAs, optionally split along
+  ``C``. It wins where each output has few kept weights (1:32, 1:128 at 16 tokens; 1:128 at 197).
 * ``"dot"`` (many tokens): each program owns ``block_out`` outputs and ``block_t`` tokens; it
   expands a ``(block_out, block_k)`` tile of ``W^T`` from (values, index) in registers --
   ``Wt[o, g*m + j] = sum_s values[o, g*n+s] * (index[o, g*n+s] == j)`` -- and multiplies it
@@ -48,21 +52,22 @@ __all__ = [
   "nm_matmul_reference",
 ]
 
-VARIANTS = ("gather", "dot")
+VARIANTS = ("gather", "gather_t", "dot")
 
 
 class SpmmConfig(NamedTuple):
   """Block sizes and launch parameters of an N:M matmul kernel (all powers of two).
 
   Attributes:
-    variant: "gather" (CUDA-core gather-FMA) or "dot" (expand a tile, tensor-core dot).
+    variant: "gather" (CUDA-core gather-FMA), "gather_t" (the same on token-minor ``x^T``,
+      tokens tiled over programs) or "dot" (expand a tile, tensor-core dot).
     block_out: outputs per program.
-    block_k: "gather": compressed columns per step; "dot": dense inputs per step.
-    block_t: "dot": tokens per program (the "gather" kernel takes all tokens).
+    block_k: "gather", "gather_t": compressed columns per step; "dot": dense inputs per step.
+    block_t: "dot", "gather_t": tokens per program (the "gather" kernel takes all tokens).
     num_warps: warps per program.
     num_stages: software-pipelining depth of the loop over ``K``.
-    split_k: "dot": programs along ``K`` (float32 partial sums, added by XLA), for more
-      parallelism when ``O`` is small and ``K`` large.
+    split_k: "dot", "gather_t": programs along ``K`` (float32 partial sums, added by XLA), for
+      more parallelism when ``O`` is small and ``K`` large.
   """
 
   variant: str = "gather"
@@ -96,18 +101,33 @@ def _dot_config(tokens: int, out_features: int) -> SpmmConfig:
   return SpmmConfig("dot", 64, 128, block_t, num_warps, 3, split_k)
 
 
-def candidate_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
-  """A few configurations worth timing for ``tokens`` rows and ``out_features`` outputs, the
-  default (:func:`default_config`) first.
+def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, SpmmConfig]:
+  """``"gather_t"``: up to 32 tokens per program, 16 (8 when ``O < 2048``) outputs, ~4K products
+  per step; unsplit, then split along ``K`` (4 ways when ``O < 2048``, else 2)."""
+  block_t = min(_pow2_at_least(tokens), 32)
+  block_out = 16 if out_features >= 2048 else 8
+  config = SpmmConfig("gather_t", block_out, max(4096 // (block_out * block_t), 1), block_t, 4, 2)
+  return config, config._replace(split_k=4 if out_features < 2048 else 2)
+
+
+def candidate_configs(
+  tokens: int, out_features: int, density: float | None = None
+) -> tuple[SpmmConfig, ...]:
+  """A few configurations worth timing for ``tokens`` rows, ``out_features`` outputs and (where
+  known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
 
   * up to 8 tokens: ``"gather"`` with about 256 (or 128) programs, ~2K gathered elements a step;
-  * more: ``"dot"`` with 64 outputs by 16-128 tokens per program, split along ``K`` when fewer
-    than 128 programs would run, and its unsplit form (and ``"gather"`` up to 32 tokens).
+  * more, when ``tokens * density <= 1`` or ``density <= 1/64`` (few products per output):
+    ``"gather_t"`` first (:func:`_gather_t_configs`), then the ``"dot"`` candidates;
+  * otherwise: ``"dot"`` with 64 outputs by 16-128 tokens per program, split along ``K`` when
+    fewer than 128 programs would run, and its unsplit form (and ``"gather"`` up to 32 tokens),
+    then ``"gather_t"``.
 
-  The choices come from ``bench spmm`` on an H100 (BENCHMARKS.md), ViT-L FFN shapes: at one
-  token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens ``"dot"``
-  with ``split_k=4`` (1.3x-3.4x faster than unsplit, and faster than ``"gather"`` except at
-  1:128); at 197 tokens unsplit ``"dot"`` on 1024x4096 and ``split_k=4`` on 4096x1024.
+  The choices come from ``bench spmm`` on an H100 and an H200 (BENCHMARKS.md), ViT-L FFN shapes:
+  at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
+  ``"dot"`` with ``split_k=4`` down to 1:8 and ``"gather_t"`` from 1:16 (1:32: 5.1 vs 6.2 µs on
+  W1, 5.8 vs 11.9 µs on W2, H200); at 197 tokens unsplit ``"dot"`` on 1024x4096 and
+  ``split_k=4`` on 4096x1024, ``"gather_t"`` at 1:128 (9.2-9.8 vs 18+ µs).
   """
   block_t = _pow2_at_least(tokens)
   few = min(max(out_features // 256, 4), 32)
@@ -117,17 +137,21 @@ def candidate_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
   if tokens <= 8:
     return gather
   dot = _dot_config(tokens, out_features)
-  unsplit = (dot._replace(split_k=1),) if dot.split_k > 1 else ()
-  if tokens > 32:
-    return (dot, *unsplit)
-  return (dot, *unsplit, SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2))
+  dots = (dot, *((dot._replace(split_k=1),) if dot.split_k > 1 else ()))
+  if tokens <= 32:
+    dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
+  gather_t = _gather_t_configs(tokens, out_features)
+  if density is not None and (tokens * density <= 1 or density <= 1 / 64):
+    return (*gather_t, *dots)
+  return (*dots, *gather_t)
 
 
 def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
   """The configuration :func:`nm_matmul` uses when given none: the first of
-  :func:`candidate_configs`, which won in most cases of the H100 measurements (BENCHMARKS.md).
+  :func:`candidate_configs` for ``c``'s pattern, which won in most cases of the GPU
+  measurements (BENCHMARKS.md).
   """
-  return candidate_configs(tokens, c.out_features)[0]
+  return candidate_configs(tokens, c.out_features, c.n / c.m)[0]
 
 
 def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
@@ -156,6 +180,36 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
   )
 
 
+def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, block_t, split_k):
+  """One program: ``block_out`` outputs by ``block_t`` tokens by ``C / split_k`` kept weights.
+
+  ``xt_ref`` is ``x^T`` ``(K, T_pad)``, so the ``block_t`` tokens of one gathered input are
+  contiguous (one vector load per kept weight instead of one scalar load per token). Products
+  accumulate element-wise in a ``(block_out, block_k, block_t)`` float32 tile, reduced once.
+  """
+  row0 = pl.program_id(0) * block_out
+  t0 = pl.multiple_of(pl.program_id(1) * block_t, block_t)
+  steps = v_ref.shape[1] // (block_k * split_k)
+  first = pl.program_id(2) * steps
+  t = t0 + jnp.arange(block_t, dtype=jnp.int32)
+  t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
+
+  def step(i, acc):
+    c0 = pl.multiple_of((first + i) * block_k, block_k)
+    v = v_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.float32)
+    j = i_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.int32)
+    c = c0 + jnp.arange(block_k, dtype=jnp.int32)
+    k = (c // n)[None, :] * m + j
+    k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
+    return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32)
+
+  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_out, block_k, block_t), jnp.float32))
+  y = jnp.sum(acc, axis=1).T  # (block_t, block_out)
+  tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
+  tile = (pl.program_id(2), *tile) if split_k > 1 else tile
+  o_ref[tile] = y.astype(o_ref.dtype)
+
+
 def _dot_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, split_k):
   """One program: ``block_out`` outputs by ``block_t`` tokens by ``K / split_k`` inputs, a
   tensor-core dot per ``block_k`` tile; with ``split_k > 1`` it writes a float32 partial sum."""
@@ -168,6 +222,8 @@ def _dot_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k,
   t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   t_ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_k))
   j = jnp.arange(m, dtype=jnp.int32)[None, None, :]
+  # float32 operands: full float32 products (not TF32); bfloat16 ones: the tensor cores' native.
+  precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
   def step(i, acc):
     k0 = pl.multiple_of((first + i) * block_k, block_k)
@@ -182,7 +238,7 @@ def _dot_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k,
     wt = wt.reshape(block_out, block_k).astype(xt.dtype)
     # acc^T += Wt @ x^T: contract the K axes of both tiles.
     return acc + jax.lax.dot_general(
-      wt, xt, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
+      wt, xt, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
     )
 
   acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_out, block_t), jnp.float32))
@@ -201,6 +257,15 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
     if value < 1 or value & (value - 1):
       raise ValueError(f"SpmmConfig.{name}={value} is not a power of two")
   block_out = _pow2_dividing(c.out_features, config.block_out)
+  if config.variant == "gather_t":
+    per_row = c.values.shape[1]
+    block_k = _pow2_dividing(per_row, config.block_k)
+    return config._replace(
+      block_out=block_out,
+      block_k=block_k,
+      block_t=min(config.block_t, _pow2_at_least(tokens)),
+      split_k=_pow2_dividing(per_row // block_k, config.split_k),
+    )
   if config.variant == "gather":
     per_row = c.values.shape[1]
     return config._replace(
@@ -214,7 +279,7 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
   block_k = max(_pow2_dividing(c.in_features, config.block_k), c.m)
   if c.in_features % block_k:
     raise ValueError(f"the 'dot' N:M kernel needs m={c.m} to divide K={c.in_features}")
-  split_k = min(config.split_k, c.in_features // block_k)
+  split_k = _pow2_dividing(c.in_features // block_k, config.split_k)
   return config._replace(
     block_out=block_out,
     block_k=block_k,
@@ -235,6 +300,16 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
   if config.variant == "gather":
     kernel = functools.partial(_gather_kernel, **kwargs)
     grid = (out_features // config.block_out,)
+  elif config.variant == "gather_t":
+    del kwargs["tokens"]
+    kernel = functools.partial(_gather_t_kernel, split_k=config.split_k, **kwargs)
+    padded = pl.cdiv(tokens, config.block_t) * config.block_t
+    x = jnp.pad(x, ((0, padded - tokens), (0, 0))).T  # (K, T_pad), tokens minor
+    grid = (out_features // config.block_out, padded // config.block_t, config.split_k)
+    dtype = jnp.float32 if config.split_k > 1 else x.dtype
+    out_shape = jax.ShapeDtypeStruct(
+      ((config.split_k,) * (config.split_k > 1)) + (padded, out_features), dtype
+    )
   else:
     kernel = functools.partial(_dot_kernel, split_k=config.split_k, **kwargs)
     grid = (out_features // config.block_out, pl.cdiv(tokens, config.block_t), config.split_k)
@@ -248,7 +323,8 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
     interpret=interpret,
     name=f"nm_matmul_{config.variant}_{n}_{m}",
   )(x, values, index)
-  return jnp.sum(y, axis=0).astype(x.dtype) if y.ndim == 3 else y
+  y = jnp.sum(y, axis=0).astype(x.dtype) if y.ndim == 3 else y
+  return y[:tokens]
 
 
 def nm_matmul(
