@@ -127,7 +127,7 @@ def candidate_configs(
   at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
   ``"dot"`` with ``split_k=4`` down to 1:8 and ``"gather_t"`` from 1:16 (1:32: 5.1 vs 6.2 µs on
   W1, 5.8 vs 11.9 µs on W2, H200); at 197 tokens unsplit ``"dot"`` on 1024x4096 and
-  ``split_k=4`` on 4096x1024, ``"gather_t"`` at 1:128 (9.2-9.8 vs 18+ µs).
+  ``split_k=4`` on 4096x1024, ``"gather_t"`` at 1:128 (9.2-9.8 vs 20-34 µs).
   """
   block_t = _pow2_at_least(tokens)
   few = min(max(out_features // 256, 4), 32)
