@@ -154,6 +154,15 @@ def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
   return candidate_configs(tokens, c.out_features, c.n / c.m)[0]
 
 
+def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k):
+  """The ``(block_out, block_k)`` kept weights from compressed column ``c0`` on (float32) and
+  the input ``k = (c // n)*m + index`` each one multiplies."""
+  v = v_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.float32)
+  j = i_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.int32)
+  c = c0 + jnp.arange(block_k, dtype=jnp.int32)
+  return v, (c // n)[None, :] * m + j
+
+
 def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
   """One program: ``block_out`` outputs, all tokens (padded to ``block_t``)."""
   row0 = pl.program_id(0) * block_out
@@ -163,10 +172,7 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
 
   def step(i, acc):
     c0 = pl.multiple_of(i * block_k, block_k)
-    v = v_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.float32)
-    j = i_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.int32)
-    c = c0 + jnp.arange(block_k, dtype=jnp.int32)
-    k = (c // n)[None, :] * m + j  # (block_out, block_k) input of each kept weight
+    v, k = _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
     xg = x_ref[t3, k3].astype(jnp.float32)  # (block_out, block_k, block_t)
     return acc + jnp.sum(v[:, :, None] * xg, axis=1)
@@ -196,10 +202,7 @@ def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, b
 
   def step(i, acc):
     c0 = pl.multiple_of((first + i) * block_k, block_k)
-    v = v_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.float32)
-    j = i_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.int32)
-    c = c0 + jnp.arange(block_k, dtype=jnp.int32)
-    k = (c // n)[None, :] * m + j
+    v, k = _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
     return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32)
 
