@@ -84,7 +84,11 @@ def test_configs():
   assert candidate_configs(16, 1024)[0].split_k == 4
   # Few kept weights per output: the token-tiled gather first, the dot kernels still tried.
   assert candidate_configs(16, 4096, 1 / 32)[0] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 16)[1] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 4)
+  assert candidate_configs(16, 1024, 1 / 16)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 16)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
+  assert candidate_configs(16, 1024, 1 / 16)[2] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 1)
+  assert candidate_configs(16, 4096, 1 / 16)[2] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert candidate_configs(197, 1024, 1 / 128)[0] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)
   assert candidate_configs(197, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
   assert candidate_configs(197, 4096, 1 / 32)[0].variant == "dot"
   assert candidate_configs(16, 4096, 1 / 8)[0].variant == "dot"
@@ -136,6 +140,14 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
   for config in (MaskConfig(), MaskConfig(4, 256, 2), MaskConfig(64, 8192, 4)):
     got = nm_mask_pallas(x, 3, 32, axis=0, interpret=True, config=config)
     np.testing.assert_array_equal(np.asarray(got), nm_reference(x, 3, 32, 0))
+  # One tile with groups the bisection resolves early (distinct magnitudes) beside groups that
+  # need every bit (ties at the n-th largest), and all-equal groups.
+  normal = jax.random.normal(jax.random.key(3), (128, 5))
+  tied = _tied(jax.random.key(4), (128, 5), jnp.float32)
+  mixed = jnp.concatenate([normal, tied, jnp.full((128, 2), 0.5)], axis=1)
+  for n, m in ((16, 128), (5, 64), (63, 64)):
+    got = nm_mask_pallas(mixed, n, m, axis=0, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), nm_reference(mixed, n, m, 0))
 
 
 def test_mask_kernel_has_no_gradient():
@@ -161,6 +173,8 @@ def test_use_mask_kernel_policy(monkeypatch):
   monkeypatch.setenv(MASK_KERNEL_ENV, "auto")
   assert use_mask_kernel(x, 16, 128, (0,)) and use_mask_kernel(x, 8, 64, (0,))
   assert not use_mask_kernel(x, 1, 128, (0,))  # one XLA pass
+  assert not use_mask_kernel(x, 2, 32, (0,))  # two XLA passes
+  assert use_mask_kernel(x, 4, 32, (0,))
   assert not use_mask_kernel(x, 2, 4, (0,))  # all-pairs XLA pass
   assert not use_mask_kernel(jnp.ones((96, 4)), 16, 96, (0,))  # m not a power of two
   monkeypatch.setenv(MASK_KERNEL_ENV, "1")

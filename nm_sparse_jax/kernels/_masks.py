@@ -5,14 +5,20 @@ the ``n`` largest ``|x|``, ties to the lower index. Magnitudes are compared as t
 pattern of ``|x|`` (``key``, 31 bits for float32, 15 for bfloat16/float16; NaN above infinity).
 For each group, held in registers:
 
-1. the threshold ``theta = max{v : #(key >= v) >= n}`` -- the ``n``-th largest key -- by
-   bisection on its bits, high to low (one comparison and one sum over the group per bit);
+1. a threshold ``theta`` with ``#(key >= theta) >= n``, by bisection on the bits of the ``n``-th
+   largest key, high to low (one comparison and one sum over the group per bit). The bisection
+   stops early once every group of the program's tile has exactly ``n`` keys ``>= theta``
+   (then those are its ``n`` largest); otherwise, after all bits, ``theta`` is the ``n``-th
+   largest key;
 2. ``need = n - #(key > theta)`` ties are still to keep: the ``need`` lowest-index elements with
-   ``key == theta``, found by an inclusive prefix count of the ties along the group.
+   ``key == theta``, found by an inclusive prefix count of the ties along the group (with the
+   early stop, every element with ``key == theta`` is kept).
 
-``keep = key > theta  or  (key == theta  and  prefix_count <= need)``. The cost is
+``keep = key > theta  or  (key == theta  and  prefix_count <= need)``. The cost is at most
 ``bits + 1`` passes over registers, the same for every ``n`` (16:128 as cheap as 1:128), and
-memory traffic is the read of ``x`` plus one byte per element.
+memory traffic is the read of ``x`` plus one byte per element. For float32 weights the early
+stop typically comes after the exponent and the leading mantissa bits that separate the
+``n``-th from the ``n+1``-th largest magnitude, well before all 31 bits.
 """
 
 from __future__ import annotations
@@ -47,8 +53,10 @@ _TILE = 4096
 class MaskConfig(NamedTuple):
   """Tile of one program, ``(block_groups, m, block_cols)``, and its warps.
 
-  The defaults were the fastest of five tilings on an H100 (BENCHMARKS.md): one warp per program
-  keeps each group's reductions inside a warp.
+  The defaults were the fastest tiling on an H200 (BENCHMARKS.md): one warp per program keeps
+  each group's reductions inside a warp, and small tiles (a 128-group and 4 columns for 16:128)
+  let the bisection stop as soon as the few groups of the tile are resolved (16:128, float32:
+  1.3x-1.5x of a multiply with 512 elements per program, 1.6x-2.3x with 2048).
 
   Attributes:
     block_c: columns (elements after the contraction axis) per program, at most.
@@ -57,7 +65,7 @@ class MaskConfig(NamedTuple):
   """
 
   block_c: int = 32
-  tile: int = 2048
+  tile: int = 512
   num_warps: int = 1
 
 
@@ -81,15 +89,16 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
   * unset or ``0`` (default): never. The kernel is written for Pallas's Triton backend, which
     JAX 0.11 deprecates (lowering it raises a ``DeprecationWarning``), and a Pallas call is not
     partitioned by XLA's SPMD partitioner (under ``pjit`` it would gather sharded kernels);
-  * ``auto``: where the kernel applies and XLA needs several passes over ``x``
-    (``min(n, m-n) > 1`` and ``m > 16``, e.g. SDGF's 16:128), with a single device. The
-    single-pass XLA cases (``n = 1``, ``n = m - 1``, ``m <= 16``) were measured as fast;
+  * ``auto``: where the kernel applies and XLA needs more than two passes over ``x``
+    (``min(n, m-n) > 2`` and ``m > 16``, e.g. SDGF's 16:128), with a single device. The
+    XLA cases of one or two passes (``min(n, m-n) <= 2``, or ``m <= 16``) were measured as
+    fast as the kernel or faster;
   * ``1``: wherever it applies.
   """
   setting = os.environ.get(MASK_KERNEL_ENV, "0")
   if setting not in ("auto", "1") or not mask_kernel_applies(x, n, m, axes):
     return False
-  return setting == "1" or (jax.device_count() == 1 and min(n, m - n) > 1 and m > 16)
+  return setting == "1" or (jax.device_count() == 1 and min(n, m - n) > 2 and m > 16)
 
 
 def _mask_kernel(x_ref, o_ref, *, n, m, bits, key_dtype, rows, cols, block_r, block_c):
@@ -105,12 +114,21 @@ def _mask_kernel(x_ref, o_ref, *, n, m, bits, key_dtype, rows, cols, block_r, bl
   sign_off = (1 << bits) - 1
   key = (jax.lax.bitcast_convert_type(x, key_dtype).astype(jnp.int32)) & sign_off
 
-  def bisect(i, theta):
-    cand = theta | jnp.left_shift(jnp.int32(1), bits - 1 - i)
-    count = jnp.sum((key >= cand).astype(jnp.int32), axis=1, keepdims=True)
-    return jnp.where(count >= n, cand, theta)
+  def unresolved(state):
+    i, _, count = state
+    return (i < bits) & (jnp.sum((count != n).astype(jnp.int32)) > 0)
 
-  theta = jax.lax.fori_loop(0, bits, bisect, jnp.zeros((block_r, 1, block_c), jnp.int32))
+  def bisect(state):
+    i, theta, count = state
+    cand = theta | jnp.left_shift(jnp.int32(1), bits - 1 - i)
+    count_cand = jnp.sum((key >= cand).astype(jnp.int32), axis=1, keepdims=True)
+    up = count_cand >= n
+    return i + 1, jnp.where(up, cand, theta), jnp.where(up, count_cand, count)
+
+  # Stop once every group of the tile has exactly n keys >= theta: its mask is then key >= theta.
+  groups = (block_r, 1, block_c)
+  state = (jnp.int32(0), jnp.zeros(groups, jnp.int32), jnp.full(groups, m, jnp.int32))
+  _, theta, _ = jax.lax.while_loop(unresolved, bisect, state)
   above = key > theta
   need = n - jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
   tie = key == theta

@@ -101,13 +101,26 @@ def _dot_config(tokens: int, out_features: int) -> SpmmConfig:
   return SpmmConfig("dot", 64, 128, block_t, num_warps, 3, split_k)
 
 
-def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, SpmmConfig]:
-  """``"gather_t"``: up to 32 tokens per program, 16 (8 when ``O < 2048``) outputs, ~4K products
-  per step; unsplit, then split along ``K`` (4 ways when ``O < 2048``, else 2)."""
+def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
+  """``"gather_t"``: up to 32 tokens per program; 16 outputs for ``O >= 2048``, else 8; ~4K
+  products per step with 4 warps, except for ``O < 2048`` with at most 16 tokens: ~8K with 8
+  warps (on an H200, 4096x1024 at 16 tokens, 1:16: 7.4 vs 8.3 µs; at 197 tokens 8 warps lose,
+  1:128: 14.6 vs 11.3 µs). Unsplit, then split along ``K`` (4 ways when ``O < 2048``, else 2),
+  then the other warp count.
+  """
   block_t = min(_pow2_at_least(tokens), 32)
-  block_out = 16 if out_features >= 2048 else 8
-  config = SpmmConfig("gather_t", block_out, max(4096 // (block_out * block_t), 1), block_t, 4, 2)
-  return config, config._replace(split_k=4 if out_features < 2048 else 2)
+  wide = out_features >= 2048
+  block_out, warps = (16 if wide else 8), (8 if not wide and block_t <= 16 else 4)
+  products = 1024 * warps
+  config = SpmmConfig(
+    "gather_t", block_out, max(products // (block_out * block_t), 1), block_t, warps, 2
+  )
+  other = 8 if warps == 4 else 4
+  return (
+    config,
+    config._replace(split_k=2 if wide else 4),
+    config._replace(block_k=max(1024 * other // (block_out * block_t), 1), num_warps=other),
+  )
 
 
 def candidate_configs(
@@ -125,9 +138,9 @@ def candidate_configs(
 
   The choices come from ``bench spmm`` on an H100 and an H200 (BENCHMARKS.md), ViT-L FFN shapes:
   at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
-  ``"dot"`` with ``split_k=4`` down to 1:8 and ``"gather_t"`` from 1:16 (1:32: 5.1 vs 6.2 µs on
-  W1, 5.8 vs 11.9 µs on W2, H200); at 197 tokens unsplit ``"dot"`` on 1024x4096 and
-  ``split_k=4`` on 4096x1024, ``"gather_t"`` at 1:128 (9.2-9.8 vs 20-34 µs).
+  ``"dot"`` with ``split_k=4`` down to 1:8 and ``"gather_t"`` from 1:16 (1:32: 4.9 vs 6.2 µs on
+  W1, 5.4 vs 11.8 µs on W2, H200); at 197 tokens unsplit ``"dot"`` on 1024x4096 and
+  ``split_k=4`` on 4096x1024, ``"gather_t"`` at 1:128 (10.6-11.3 vs 20-34 µs).
   """
   block_t = _pow2_at_least(tokens)
   few = min(max(out_features // 256, 4), 32)
@@ -169,16 +182,21 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
   per_row = v_ref.shape[1]
   t = jnp.minimum(jnp.arange(block_t, dtype=jnp.int32), tokens - 1)
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
+  steps = per_row // block_k
 
-  def step(i, acc):
-    c0 = pl.multiple_of(i * block_k, block_k)
-    v, k = _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
+  def load(i):  # step i's kept weights; past the last step, the last step's again (unused)
+    c0 = pl.multiple_of(jnp.minimum(i, steps - 1) * block_k, block_k)
+    return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
+
+  def step(i, carry):
+    acc, v, k = carry
+    v_next, k_next = load(i + 1)  # prefetched, as in _gather_t_kernel
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
     xg = x_ref[t3, k3].astype(jnp.float32)  # (block_out, block_k, block_t)
-    return acc + jnp.sum(v[:, :, None] * xg, axis=1)
+    return acc + jnp.sum(v[:, :, None] * xg, axis=1), v_next, k_next
 
   acc = jnp.zeros((block_out, block_t), jnp.float32)
-  acc = jax.lax.fori_loop(0, per_row // block_k, step, acc)
+  acc, _, _ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
   t_out = jnp.arange(block_t, dtype=jnp.int32)
   ok = jnp.broadcast_to((t_out < tokens)[:, None], (block_t, block_out))
   plgpu.store(
@@ -200,13 +218,21 @@ def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, b
   t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
 
-  def step(i, acc):
-    c0 = pl.multiple_of((first + i) * block_k, block_k)
-    v, k = _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
-    k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
-    return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32)
+  def load(i):  # step i's kept weights; past the last step, the last step's again (unused)
+    c0 = pl.multiple_of(jnp.minimum(first + i, first + steps - 1) * block_k, block_k)
+    return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
-  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_out, block_k, block_t), jnp.float32))
+  def step(i, carry):
+    acc, v, k = carry
+    # Load step i+1's values and indices before step i's gather: the gather's addresses depend
+    # on them, so Triton's pipeliner would not overlap the two (BENCHMARKS.md: up to 1.5x faster
+    # at one token, 5-25% at 16 tokens; 0-15% slower with 32-token tiles, not yet special-cased).
+    v_next, k_next = load(i + 1)
+    k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
+    return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32), v_next, k_next
+
+  acc = jnp.zeros((block_out, block_k, block_t), jnp.float32)
+  acc, _, _ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
   y = jnp.sum(acc, axis=1).T  # (block_t, block_out)
   tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
   tile = (pl.program_id(2), *tile) if split_k > 1 else tile
