@@ -56,7 +56,7 @@ class MaskConfig(NamedTuple):
   The defaults were the fastest tiling on an H200 (BENCHMARKS.md): one warp per program keeps
   each group's reductions inside a warp, and small tiles (a 128-group and 4 columns for 16:128)
   let the bisection stop as soon as the few groups of the tile are resolved (16:128, float32:
-  1.3x-1.5x of a multiply with 512 elements per program, 1.6x-2.3x with 2048).
+  1.3x-1.5x of a multiply with 512 elements per program, 1.7x-2.3x with 2048).
 
   Attributes:
     block_c: columns (elements after the contraction axis) per program, at most.
