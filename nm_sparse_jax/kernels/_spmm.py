@@ -176,6 +176,25 @@ def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k):
   return v, (c // n)[None, :] * m + j
 
 
+def _prefetched_loop(steps, load, body, acc):
+  """``acc = body(acc, *load(i))`` for ``i`` in ``range(steps)``, with step ``i+1``'s ``load``
+  issued before step ``i``'s ``body``.
+
+  The gather in ``body`` takes its addresses from the loaded indices, so Triton's pipeliner does
+  not overlap the two by itself (BENCHMARKS.md: up to 1.5x faster at one token, 5-25% at 16
+  tokens; 0-15% slower with 32-token tiles, not yet special-cased). ``load(steps)`` is called
+  once and its result unused: ``load`` clamps its index to the last step.
+  """
+
+  def step(i, carry):
+    acc, *current = carry
+    upcoming = load(i + 1)
+    return (body(acc, *current), *upcoming)
+
+  acc, *_ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
+  return acc
+
+
 def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
   """One program: ``block_out`` outputs, all tokens (padded to ``block_t``)."""
   row0 = pl.program_id(0) * block_out
@@ -184,19 +203,16 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
   steps = per_row // block_k
 
-  def load(i):  # step i's kept weights; past the last step, the last step's again (unused)
+  def load(i):  # step i's kept weights, the index clamped to the last step
     c0 = pl.multiple_of(jnp.minimum(i, steps - 1) * block_k, block_k)
     return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
-  def step(i, carry):
-    acc, v, k = carry
-    v_next, k_next = load(i + 1)  # prefetched, as in _gather_t_kernel
+  def body(acc, v, k):
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
     xg = x_ref[t3, k3].astype(jnp.float32)  # (block_out, block_k, block_t)
-    return acc + jnp.sum(v[:, :, None] * xg, axis=1), v_next, k_next
+    return acc + jnp.sum(v[:, :, None] * xg, axis=1)
 
-  acc = jnp.zeros((block_out, block_t), jnp.float32)
-  acc, _, _ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
+  acc = _prefetched_loop(steps, load, body, jnp.zeros((block_out, block_t), jnp.float32))
   t_out = jnp.arange(block_t, dtype=jnp.int32)
   ok = jnp.broadcast_to((t_out < tokens)[:, None], (block_t, block_out))
   plgpu.store(
@@ -218,21 +234,16 @@ def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, b
   t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
 
-  def load(i):  # step i's kept weights; past the last step, the last step's again (unused)
+  def load(i):  # step i's kept weights, the index clamped to the last step
     c0 = pl.multiple_of(jnp.minimum(first + i, first + steps - 1) * block_k, block_k)
     return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
-  def step(i, carry):
-    acc, v, k = carry
-    # Load step i+1's values and indices before step i's gather: the gather's addresses depend
-    # on them, so Triton's pipeliner would not overlap the two (BENCHMARKS.md: up to 1.5x faster
-    # at one token, 5-25% at 16 tokens; 0-15% slower with 32-token tiles, not yet special-cased).
-    v_next, k_next = load(i + 1)
+  def body(acc, v, k):
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
-    return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32), v_next, k_next
+    return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32)
 
   acc = jnp.zeros((block_out, block_k, block_t), jnp.float32)
-  acc, _, _ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
+  acc = _prefetched_loop(steps, load, body, acc)
   y = jnp.sum(acc, axis=1).T  # (block_t, block_out)
   tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
   tile = (pl.program_id(2), *tile) if split_k > 1 else tile
