@@ -41,6 +41,10 @@ SPMM = [
   (256, 16, 1, 32, 18, SpmmConfig("dot", 16, 128, 32, split_k=4)),  # split clamped to 2
   (64, 16, 4, 8, 16, SpmmConfig("dot", 16, 32, 16)),
   (96, 16, 1, 8, 9, SpmmConfig("dot", 16, 32, 16, split_k=2)),  # 3 K steps: split -> 1
+  (128, 32, 1, 8, 20, SpmmConfig("dot_gather", 16, 64, 16)),
+  (256, 32, 2, 4, 37, SpmmConfig("dot_gather", 16, 64, 16, split_k=2)),
+  (64, 16, 4, 8, 16, SpmmConfig("dot_gather", 16, 32, 16)),
+  (256, 16, 1, 32, 18, SpmmConfig("dot_gather", 16, 128, 32, split_k=4)),  # split clamped to 2
   (128, 32, 1, 8, 20, SpmmConfig("gather_t", 8, 4, 8)),  # 3 token tiles, the last padded
   (256, 16, 2, 4, 5, SpmmConfig("gather_t", 16, 8, 4, split_k=4)),
   (96, 8, 1, 12, 1, SpmmConfig("gather_t", 8, 64, 16, split_k=2)),  # m not a power of two
@@ -79,20 +83,29 @@ def test_nm_matmul_reference_matches_decompressed_product():
 def test_configs():
   assert default_config(1, compress(jnp.ones((16, 4096)), 1, 4)) == candidate_configs(1, 4096)[0]
   assert {c.variant for c in candidate_configs(4, 1024)} == {"gather"}
-  assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1)
-  assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 64, 128, 64, 4, 3, 4)
-  assert candidate_configs(16, 1024)[0].split_k == 4
+  assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  assert candidate_configs(197, 4096)[1] == SpmmConfig("dot", 64, 128, 256, 8, 3, 2)
+  assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 4)
+  assert candidate_configs(197, 1024)[1] == SpmmConfig("dot", 64, 128, 256, 8, 3, 4)
+  assert candidate_configs(4096, 1024)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  # Up to 32 tokens: ~512 programs; the gathered tile first on narrow outputs and for 2:4.
+  assert candidate_configs(16, 1024)[0] == SpmmConfig("dot_gather", 16, 128, 16, 4, 3, 8)
+  assert candidate_configs(16, 1024)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
+  assert candidate_configs(16, 4096, 1 / 8)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
+  assert candidate_configs(16, 4096, 1 / 8)[1] == SpmmConfig("dot_gather", 16, 256, 16, 4, 3, 2)
+  assert candidate_configs(16, 4096, 1 / 2)[0].variant == "dot_gather"
+  assert candidate_configs(16, 4096, 1 / 16)[0].variant == "dot"
+  variants = {c.variant for c in candidate_configs(16, 4096, 1 / 8)}
+  assert variants == {"dot", "dot_gather", "gather", "gather_t"}
   # Few kept weights per output: the token-tiled gather first, the dot kernels still tried.
   assert candidate_configs(16, 4096, 1 / 32)[0] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 16)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 16)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
-  assert candidate_configs(16, 1024, 1 / 16)[2] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 1)
-  assert candidate_configs(16, 4096, 1 / 16)[2] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert candidate_configs(16, 4096, 1 / 32)[2] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
+  assert candidate_configs(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 1)
   assert candidate_configs(197, 1024, 1 / 128)[0] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)
   assert candidate_configs(197, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
   assert candidate_configs(197, 4096, 1 / 32)[0].variant == "dot"
-  assert candidate_configs(16, 4096, 1 / 8)[0].variant == "dot"
-  assert {c.variant for c in candidate_configs(16, 4096, 1 / 8)} == {"dot", "gather", "gather_t"}
   assert candidate_configs(1, 4096, 1 / 128) == candidate_configs(1, 4096)
   c = compress(jnp.ones((4096, 16)), 1, 128)
   assert default_config(16, c) == candidate_configs(16, 16, 1 / 128)[0]
@@ -185,12 +198,12 @@ def test_use_mask_kernel_policy(monkeypatch):
 
 @needs_gpu
 @pytest.mark.parametrize("t", [1, 16, 197])
-@pytest.mark.parametrize("n, m", [(2, 4), (1, 8), (1, 128)])
-def test_nm_matmul_on_gpu(t, n, m):
-  w = _nm_weight(jax.random.key(t), 1024, 512, n, m, jnp.bfloat16)
+@pytest.mark.parametrize("n, m, o", [(2, 4, 512), (1, 8, 512), (1, 128, 512), (1, 8, 4096)])
+def test_nm_matmul_on_gpu(t, n, m, o):
+  w = _nm_weight(jax.random.key(t), 1024, o, n, m, jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (t, 1024), jnp.float32).astype(jnp.bfloat16)
   c = compress(w, n, m)
-  for config in candidate_configs(t, 512, n / m):
+  for config in candidate_configs(t, o, n / m):
     y = jax.jit(lambda x, c, config=config: nm_matmul(x, c, config=config))(x, c)
     err = _relerr(y.astype(jnp.float32), w.astype(jnp.float32), x.astype(jnp.float32))
     assert err < 1e-2, config
@@ -198,7 +211,12 @@ def test_nm_matmul_on_gpu(t, n, m):
 
 @needs_gpu
 @pytest.mark.parametrize(
-  "config", [SpmmConfig("dot", 32, 64, 16), SpmmConfig("gather_t", 8, 8, 16)]
+  "config",
+  [
+    SpmmConfig("dot", 32, 64, 16),
+    SpmmConfig("dot_gather", 16, 64, 16),
+    SpmmConfig("gather_t", 8, 8, 16),
+  ],
 )
 def test_nm_matmul_float32_on_gpu(config):
   """Float32 operands get float32 products (the dot kernel asks for full precision, not TF32)."""

@@ -2,7 +2,7 @@
 
 * :func:`nm_matmul` -- ``x @ W`` for a kernel in the compressed N:M format
   (:class:`~nm_sparse_jax.export.NMCompressed`): gather-FMA kernels for few tokens or few kept
-  weights per output and an expand-then-tensor-core kernel for the rest;
+  weights per output and two expand-then-tensor-core kernels for the rest;
 * :func:`nm_mask_pallas` -- the N:M magnitude mask (:func:`~nm_sparse_jax.nm_mask`'s exact
   semantics) in one pass over the weight, by bisection on the magnitudes' bit patterns;
   :func:`~nm_sparse_jax.nm_mask` uses it on a GPU where :func:`use_mask_kernel` says so.

@@ -4,7 +4,7 @@ With ``C = K*n/m`` kept weights per output and ``k(o, c) = (c // n)*m + index[o,
 
     y[t, o] = sum_c values[o, c] * x[t, k(o, c)]
 
-Three kernels compute it, all reading only the compressed weight (``C*(2 + 1)`` bytes per output
+Four kernels compute it, all reading only the compressed weight (``C*(2 + 1)`` bytes per output
 for bfloat16 values) and accumulating in float32:
 
 * ``"gather"`` (few tokens): each program owns ``block_out`` outputs and all tokens; it walks the
@@ -14,13 +14,16 @@ for bfloat16 values) and accumulating in float32:
   (``(K, T)``, transposed and padded by XLA), ``block_t`` tokens per program, so that the tokens
   of one gathered input are one contiguous vector load; ``T*O*C`` FMAs, optionally split along
   ``C``. It wins where each output has few kept weights (1:32, 1:128 at 16 tokens; 1:128 at 197).
-* ``"dot"`` (many tokens): each program owns ``block_out`` outputs and ``block_t`` tokens; it
-  expands a ``(block_out, block_k)`` tile of ``W^T`` from (values, index) in registers --
-  ``Wt[o, g*m + j] = sum_s values[o, g*n+s] * (index[o, g*n+s] == j)`` -- and multiplies it
-  with the ``x`` tile on the tensor cores (``acc^T = Wt @ x^T``, so the many outputs fill the
-  matrix unit's M dimension and the few tokens its N dimension). It does the dense FLOPs but
-  moves only the compressed bytes. With ``split_k > 1`` the ``K`` loop is split over programs
-  (float32 partial sums, added by XLA), for shapes with few output tiles.
+* ``"dot"`` (16 tokens and more): each program owns ``block_out`` outputs and ``block_t``
+  tokens; it expands a ``(block_out, block_k)`` tile of ``W^T`` from (values, index) in
+  registers -- ``Wt[o, g*m + j] = sum_s values[o, g*n+s] * (index[o, g*n+s] == j)``, as a
+  select chain in the values' dtype -- and multiplies it with the ``x`` tile on the tensor cores
+  (``acc^T = Wt @ x^T``, so the outputs fill the matrix unit's M dimension and the tokens its N
+  dimension). It does the dense FLOPs but moves only the compressed bytes. With ``split_k > 1``
+  the ``K`` loop is split over programs (float32 partial sums, added by XLA).
+* ``"dot_gather"``: the same, with the tile built straight in two dimensions from
+  repeated-address loads (each position of a group loads that group's kept values and indices)
+  instead of a broadcast and reshape; faster on narrow outputs and dense patterns at 16 tokens.
 
 Backend: Pallas's Triton lowering, because the few-token kernel is a per-lane gather
 (``x[t, k(o, c)]`` with a different ``k`` in every lane), which Triton expresses directly and
@@ -52,7 +55,7 @@ __all__ = [
   "nm_matmul_reference",
 ]
 
-VARIANTS = ("gather", "gather_t", "dot")
+VARIANTS = ("gather", "gather_t", "dot", "dot_gather")
 
 
 class SpmmConfig(NamedTuple):
@@ -60,13 +63,15 @@ class SpmmConfig(NamedTuple):
 
   Attributes:
     variant: "gather" (CUDA-core gather-FMA), "gather_t" (the same on token-minor ``x^T``,
-      tokens tiled over programs) or "dot" (expand a tile, tensor-core dot).
+      tokens tiled over programs), "dot" (expand a tile, tensor-core dot) or "dot_gather" (the
+      same with the tile built from repeated-address loads).
     block_out: outputs per program.
-    block_k: "gather", "gather_t": compressed columns per step; "dot": dense inputs per step.
-    block_t: "dot", "gather_t": tokens per program (the "gather" kernel takes all tokens).
+    block_k: "gather", "gather_t": compressed columns per step; "dot", "dot_gather": dense
+      inputs per step.
+    block_t: all but "gather": tokens per program (the "gather" kernel takes all tokens).
     num_warps: warps per program.
     num_stages: software-pipelining depth of the loop over ``K``.
-    split_k: "dot", "gather_t": programs along ``K`` (float32 partial sums, added by XLA), for
+    split_k: all but "gather": programs along ``K`` (float32 partial sums, added by XLA), for
       more parallelism when ``O`` is small and ``K`` large.
   """
 
@@ -88,17 +93,38 @@ def _pow2_dividing(v: int, cap: int) -> int:
   return min(v & -v, cap)
 
 
-def _dot_config(tokens: int, out_features: int) -> SpmmConfig:
-  """64 outputs by 16-128 tokens per program, split along ``K`` until ~256 programs run."""
+def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple[SpmmConfig, ...]:
+  """Two tensor-core candidates, split along ``K`` until enough programs run (at most 4 ways for
+  ``"dot"``, 8 for ``"dot_gather"``):
+
+  * up to 32 tokens (one token tile): ``"dot"`` with 32 outputs x 256 inputs per step (~512
+    programs) and ``"dot_gather"`` with 16 outputs x 256 inputs (``O >= 2048``) or 128 (~512
+    programs); ``"dot_gather"`` first for ``O < 2048`` or ``density >= 1/2``;
+  * more tokens: ``"dot"`` with 32 outputs by up to 256 tokens (the weight tile is expanded
+    once for all of them), 8 warps, ~128 programs; then 64 outputs.
+
+  Measured on an H200 side by side (BENCHMARKS.md), ViT-L FFN shapes, µs: 16 tokens, 1:8, W1
+  ``"dot"`` 5.7 vs 7.2 for the previous 64 x 128 tiles, W2 ``"dot_gather"`` 6.6 vs 11.9, 2:4
+  9.5 vs 27.2; 197 tokens, 1:16, W1 12.8 vs 14.7, W2 (split 4 ways) 15.4 vs 25.1.
+  """
+  wide = out_features >= 2048
+
+  def split(block_out: int, block_t: int, target: int, cap: int) -> int:
+    programs = max(out_features // block_out, 1) * pl.cdiv(tokens, block_t)
+    return 1 if programs >= target else min(cap, _pow2_at_least(target // programs))
+
+  block_t = min(_pow2_at_least(tokens), 256)
   if tokens <= 32:
-    block_t, num_warps = _pow2_at_least(tokens), 4
-  elif (out_features // 64) * pl.cdiv(tokens, 128) >= 128:
-    block_t, num_warps = 128, 8
-  else:
-    block_t, num_warps = 64, 4
-  programs = max(out_features // 64, 1) * pl.cdiv(tokens, block_t)
-  split_k = 1 if programs >= 128 else min(4, _pow2_at_least(256 // programs))
-  return SpmmConfig("dot", 64, 128, block_t, num_warps, 3, split_k)
+    dot = SpmmConfig("dot", 32, 256, block_t, 4, 3, split(32, block_t, 512, 4))
+    gathered = SpmmConfig(
+      "dot_gather", 16, 256 if wide else 128, block_t, 4, 3, split(16, block_t, 512, 8)
+    )
+    dense_ish = density is not None and density >= 0.5
+    return (dot, gathered) if wide and not dense_ish else (gathered, dot)
+  return (
+    SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4)),
+    SpmmConfig("dot", 64, 128, block_t, 8, 3, split(64, block_t, 128, 4)),
+  )
 
 
 def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
@@ -130,17 +156,16 @@ def candidate_configs(
   known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
 
   * up to 8 tokens: ``"gather"`` with about 256 (or 128) programs, ~2K gathered elements a step;
-  * more, when ``tokens * density <= 1`` or ``density <= 1/64`` (few products per output):
-    ``"gather_t"`` first (:func:`_gather_t_configs`), then the ``"dot"`` candidates;
-  * otherwise: ``"dot"`` with 64 outputs by 16-128 tokens per program, split along ``K`` when
-    fewer than 128 programs would run, and its unsplit form (and ``"gather"`` up to 32 tokens),
-    then ``"gather_t"``.
+  * more, when ``tokens * density < 1`` or ``density <= 1/64`` (few products per output):
+    ``"gather_t"`` first (:func:`_gather_t_configs`), then the tensor-core candidates;
+  * otherwise: the tensor-core candidates (:func:`_dot_configs`; and ``"gather"`` up to 32
+    tokens), then ``"gather_t"``.
 
   The choices come from ``bench spmm`` on an H100 and an H200 (BENCHMARKS.md), ViT-L FFN shapes:
   at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
-  ``"dot"`` with ``split_k=4`` down to 1:8 and ``"gather_t"`` from 1:16 (1:32: 4.9 vs 6.2 µs on
-  W1, 5.4 vs 11.8 µs on W2, H200); at 197 tokens unsplit ``"dot"`` on 1024x4096 and
-  ``split_k=4`` on 4096x1024, ``"gather_t"`` at 1:128 (10.6-11.3 vs 20-34 µs).
+  ``"dot"`` (W1) or ``"dot_gather"`` (W2) down to 1:16 and ``"gather_t"`` from 1:32 (W1 5.1 vs
+  5.2 µs, W2 5.4 vs 6.0, H200); at 197 tokens ``"dot"``, ``"gather_t"`` at 1:128 (10.6-11.3 vs
+  20-34 µs).
   """
   block_t = _pow2_at_least(tokens)
   few = min(max(out_features // 256, 4), 32)
@@ -149,12 +174,11 @@ def candidate_configs(
   )
   if tokens <= 8:
     return gather
-  dot = _dot_config(tokens, out_features)
-  dots = (dot, *((dot._replace(split_k=1),) if dot.split_k > 1 else ()))
+  dots = _dot_configs(tokens, out_features, density)
   if tokens <= 32:
     dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
   gather_t = _gather_t_configs(tokens, out_features)
-  if density is not None and (tokens * density <= 1 or density <= 1 / 64):
+  if density is not None and (tokens * density < 1 or density <= 1 / 64):
     return (*gather_t, *dots)
   return (*dots, *gather_t)
 
@@ -177,7 +201,7 @@ def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k):
 
 
 def _prefetched_loop(steps, load, body, acc):
-  """``acc = body(acc, *load(i))`` for ``i`` in ``range(steps)``, with step ``i+1``'s ``load``
+  """``acc = body(i, acc, *load(i))`` for ``i`` in ``range(steps)``, with step ``i+1``'s ``load``
   issued before step ``i``'s ``body``.
 
   The gather in ``body`` takes its addresses from the loaded indices, so Triton's pipeliner does
@@ -189,7 +213,7 @@ def _prefetched_loop(steps, load, body, acc):
   def step(i, carry):
     acc, *current = carry
     upcoming = load(i + 1)
-    return (body(acc, *current), *upcoming)
+    return (body(i, acc, *current), *upcoming)
 
   acc, *_ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
   return acc
@@ -207,7 +231,7 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
     c0 = pl.multiple_of(jnp.minimum(i, steps - 1) * block_k, block_k)
     return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
-  def body(acc, v, k):
+  def body(_, acc, v, k):
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
     xg = x_ref[t3, k3].astype(jnp.float32)  # (block_out, block_k, block_t)
     return acc + jnp.sum(v[:, :, None] * xg, axis=1)
@@ -238,7 +262,7 @@ def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, b
     c0 = pl.multiple_of(jnp.minimum(first + i, first + steps - 1) * block_k, block_k)
     return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
-  def body(acc, v, k):
+  def body(_, acc, v, k):
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
     return acc + v[:, :, None] * xt_ref[k3, t3].astype(jnp.float32)
 
@@ -250,9 +274,30 @@ def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, b
   o_ref[tile] = y.astype(o_ref.dtype)
 
 
-def _dot_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, split_k):
+def _expand_broadcast(values, indices, m):
+  """``Wt[o, g*m + j] = values[s][o, g]`` where ``indices[s][o, g] == j`` (else 0), for the ``n``
+  kept weights ``s`` of each group: each is broadcast over its group and selected where its
+  index matches (a select chain in the values' dtype; the kept positions of a group differ)."""
+  block_out, groups = values[0].shape
+  j = jnp.arange(m, dtype=jnp.int32)[None, None, :]
+  wt = jnp.zeros((block_out, groups, m), values[0].dtype)
+  for v, idx in zip(values, indices):
+    wt = jnp.where(idx.astype(jnp.int32)[:, :, None] == j, v[:, :, None], wt)
+  return wt.reshape(block_out, groups * m)
+
+
+def _dot_kernel(
+  x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, split_k, gather
+):
   """One program: ``block_out`` outputs by ``block_t`` tokens by ``K / split_k`` inputs, a
-  tensor-core dot per ``block_k`` tile; with ``split_k > 1`` it writes a float32 partial sum."""
+  tensor-core dot per ``block_k`` tile; with ``split_k > 1`` it writes a float32 partial sum.
+
+  The ``(block_out, block_k)`` tile of ``W^T`` is built either from ``(block_out, groups)``
+  loads of each kept weight's value and index, prefetched a step ahead and broadcast over the
+  group (:func:`_expand_broadcast`; ``gather=False``), or (``gather=True``) straight in two
+  dimensions: every position ``(o, g*m + j)`` loads the value and index of group ``g``'s kept
+  weights (``m`` lanes read one address, served by L1) and keeps the one whose index is ``j``.
+  """
   row0 = pl.program_id(0) * block_out
   t0 = pl.program_id(1) * block_t
   steps = x_ref.shape[1] // (block_k * split_k)
@@ -261,27 +306,50 @@ def _dot_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k,
   groups = block_k // m
   t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   t_ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_k))
-  j = jnp.arange(m, dtype=jnp.int32)[None, None, :]
   # float32 operands: full float32 products (not TF32); bfloat16 ones: the tensor cores' native.
   precision = jax.lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
 
-  def step(i, acc):
-    k0 = pl.multiple_of((first + i) * block_k, block_k)
-    c0 = pl.multiple_of((first + i) * block_c, block_c)
-    xt = plgpu.load(x_ref.at[pl.ds(t0, block_t), pl.ds(k0, block_k)], mask=t_ok, other=0.0)
-    wt = jnp.zeros((block_out, groups, m), jnp.float32)
-    for s in range(n):
-      cols = pl.ds(c0 + s, groups, stride=n) if n > 1 else pl.ds(c0, groups)
-      v = v_ref[pl.ds(row0, block_out), cols].astype(jnp.float32)
-      idx = i_ref[pl.ds(row0, block_out), cols].astype(jnp.int32)
-      wt = wt + jnp.where(idx[:, :, None] == j, v[:, :, None], 0.0)
-    wt = wt.reshape(block_out, block_k).astype(xt.dtype)
-    # acc^T += Wt @ x^T: contract the K axes of both tiles.
-    return acc + jax.lax.dot_general(
-      wt, xt, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
+  def x_tile(s):
+    k0 = pl.multiple_of(s * block_k, block_k)
+    return plgpu.load(x_ref.at[pl.ds(t0, block_t), pl.ds(k0, block_k)], mask=t_ok, other=0.0)
 
-  acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((block_out, block_t), jnp.float32))
+  def accumulate(acc, wt, xt):  # acc^T += Wt @ x^T: contract the K axes of both tiles
+    return acc + jax.lax.dot_general(
+      wt.astype(xt.dtype), xt, (((1,), (1,)), ((), ())), precision=precision,
+      preferred_element_type=jnp.float32,
+    )  # fmt: skip
+
+  acc = jnp.zeros((block_out, block_t), jnp.float32)
+  if gather:
+    shape = (block_out, block_k)
+    rows = jnp.broadcast_to(row0 + jnp.arange(block_out, dtype=jnp.int32)[:, None], shape)
+    kk = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+    group_col = jnp.broadcast_to((kk // m) * n, shape)
+    j = jnp.broadcast_to(kk % m, shape)
+
+    def step(i, acc):
+      s = first + i
+      wt = None
+      for q in range(n):
+        cols = s * block_c + group_col + q
+        v = v_ref[rows, cols]
+        hit = i_ref[rows, cols].astype(jnp.int32) == j
+        wt = jnp.where(hit, v, jnp.zeros_like(v) if wt is None else wt)
+      return accumulate(acc, wt, x_tile(s))
+
+    acc = jax.lax.fori_loop(0, steps, step, acc)
+  else:
+
+    def load(i):  # step i's kept weights, the index clamped to the last step
+      c0 = pl.multiple_of(jnp.minimum(first + i, first + steps - 1) * block_c, block_c)
+      cols = [pl.ds(c0 + q, groups, stride=n) if n > 1 else pl.ds(c0, groups) for q in range(n)]
+      values = [v_ref[pl.ds(row0, block_out), c] for c in cols]
+      return (*values, *(i_ref[pl.ds(row0, block_out), c] for c in cols))
+
+    def body(i, acc, *loaded):
+      return accumulate(acc, _expand_broadcast(loaded[:n], loaded[n:], m), x_tile(first + i))
+
+    acc = _prefetched_loop(steps, load, body, acc)
   ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_out))
   tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
   tile = (pl.program_id(2), *tile) if split_k > 1 else tile
@@ -315,10 +383,10 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
       split_k=1,
     )
   if c.m & (c.m - 1):
-    raise ValueError(f"the 'dot' N:M kernel needs m a power of two, got m={c.m}")
+    raise ValueError(f"the {config.variant!r} N:M kernel needs m a power of two, got m={c.m}")
   block_k = max(_pow2_dividing(c.in_features, config.block_k), c.m)
   if c.in_features % block_k:
-    raise ValueError(f"the 'dot' N:M kernel needs m={c.m} to divide K={c.in_features}")
+    raise ValueError(f"the {config.variant!r} N:M kernel needs m={c.m} to divide K={c.in_features}")
   split_k = _pow2_dividing(c.in_features // block_k, config.split_k)
   return config._replace(
     block_out=block_out,
@@ -351,7 +419,8 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
       ((config.split_k,) * (config.split_k > 1)) + (padded, out_features), dtype
     )
   else:
-    kernel = functools.partial(_dot_kernel, split_k=config.split_k, **kwargs)
+    gather = config.variant == "dot_gather"
+    kernel = functools.partial(_dot_kernel, split_k=config.split_k, gather=gather, **kwargs)
     grid = (out_features // config.block_out, pl.cdiv(tokens, config.block_t), config.split_k)
     if config.split_k > 1:
       out_shape = jax.ShapeDtypeStruct((config.split_k, tokens, out_features), jnp.float32)
