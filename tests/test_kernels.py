@@ -85,9 +85,9 @@ def test_configs():
   assert {c.variant for c in candidate_configs(4, 1024)} == {"gather"}
   assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
   assert candidate_configs(197, 4096)[1] == SpmmConfig("dot", 64, 128, 256, 8, 3, 2)
-  assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 4)
-  assert candidate_configs(197, 1024)[1] == SpmmConfig("dot", 64, 128, 256, 8, 3, 4)
-  assert candidate_configs(4096, 1024)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
+  assert candidate_configs(197, 1024)[1] == SpmmConfig("dot", 32, 128, 256, 8, 3, 4)
+  assert candidate_configs(4096, 1024)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 1)
   # Up to 32 tokens: ~512 programs; the gathered tile first on narrow outputs and for 2:4.
   assert candidate_configs(16, 1024)[0] == SpmmConfig("dot_gather", 16, 128, 16, 4, 3, 8)
   assert candidate_configs(16, 1024)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)

@@ -100,12 +100,14 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
   * up to 32 tokens (one token tile): ``"dot"`` with 32 outputs x 256 inputs per step (~512
     programs) and ``"dot_gather"`` with 16 outputs x 256 inputs (``O >= 2048``) or 128 (~512
     programs); ``"dot_gather"`` first for ``O < 2048`` or ``density >= 1/2``;
-  * more tokens: ``"dot"`` with 32 outputs by up to 256 tokens (the weight tile is expanded
-    once for all of them), 8 warps, ~128 programs; then 64 outputs.
+  * more tokens: ``"dot"`` with up to 256 tokens per program (the weight tile is expanded once
+    for all of them), 8 warps, ~128 programs: 32 outputs x 128 inputs per step for
+    ``O >= 2048``, else 64 x 64 (split up to 8 ways); then the other one.
 
   Measured on an H200 side by side (BENCHMARKS.md), ViT-L FFN shapes, µs: 16 tokens, 1:8, W1
   ``"dot"`` 5.7 vs 7.2 for the previous 64 x 128 tiles, W2 ``"dot_gather"`` 6.6 vs 11.9, 2:4
-  9.5 vs 27.2; 197 tokens, 1:16, W1 12.8 vs 14.7, W2 (split 4 ways) 15.4 vs 25.1.
+  9.5 vs 27.2; 197 tokens, 1:16, W1 12.8 vs 14.7, W2 (64 x 64, split 8 ways) 13.9 vs 15.4 for
+  32 x 128 split 4 ways, which was 15.4 vs 25.1 for the previous tiles.
   """
   wide = out_features >= 2048
 
@@ -121,9 +123,14 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
     )
     dense_ish = density is not None and density >= 0.5
     return (dot, gathered) if wide and not dense_ish else (gathered, dot)
+  if wide:
+    return (
+      SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4)),
+      SpmmConfig("dot", 64, 128, block_t, 8, 3, split(64, block_t, 128, 4)),
+    )
   return (
+    SpmmConfig("dot", 64, 64, block_t, 8, 3, split(64, block_t, 128, 8)),
     SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4)),
-    SpmmConfig("dot", 64, 128, block_t, 8, 3, split(64, block_t, 128, 4)),
   )
 
 
