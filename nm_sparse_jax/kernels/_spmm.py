@@ -123,15 +123,10 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
     )
     dense_ish = density is not None and density >= 0.5
     return (dot, gathered) if wide and not dense_ish else (gathered, dot)
+  narrow_tiles = SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4))
   if wide:
-    return (
-      SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4)),
-      SpmmConfig("dot", 64, 128, block_t, 8, 3, split(64, block_t, 128, 4)),
-    )
-  return (
-    SpmmConfig("dot", 64, 64, block_t, 8, 3, split(64, block_t, 128, 8)),
-    SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4)),
-  )
+    return narrow_tiles, SpmmConfig("dot", 64, 128, block_t, 8, 3, split(64, block_t, 128, 4))
+  return SpmmConfig("dot", 64, 64, block_t, 8, 3, split(64, block_t, 128, 8)), narrow_tiles
 
 
 def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
@@ -211,9 +206,10 @@ def _prefetched_loop(steps, load, body, acc):
   """``acc = body(i, acc, *load(i))`` for ``i`` in ``range(steps)``, with step ``i+1``'s ``load``
   issued before step ``i``'s ``body``.
 
-  The gather in ``body`` takes its addresses from the loaded indices, so Triton's pipeliner does
-  not overlap the two by itself (BENCHMARKS.md: up to 1.5x faster at one token, 5-25% at 16
-  tokens; 0-15% slower with 32-token tiles, not yet special-cased). ``load(steps)`` is called
+  ``body`` consumes the loaded indices through a gather (the gather kernels) or a tile expansion
+  (``"dot"``), not directly, so Triton's pipeliner does not overlap the two by itself
+  (BENCHMARKS.md, gather kernels: up to 1.5x faster at one token, 5-25% at 16 tokens; 0-15%
+  slower with 32-token tiles, not yet special-cased). ``load(steps)`` is called
   once and its result unused: ``load`` clamps its index to the last step.
   """
 
