@@ -11,6 +11,7 @@ from nm_sparse_jax.kernels import (
   SpmmConfig,
   candidate_configs,
   default_config,
+  default_mask_config,
   nm_mask_pallas,
   nm_matmul,
   nm_matmul_reference,
@@ -45,6 +46,10 @@ SPMM = [
   (256, 32, 2, 4, 37, SpmmConfig("dot_gather", 16, 64, 16, split_k=2)),
   (64, 16, 4, 8, 16, SpmmConfig("dot_gather", 16, 32, 16)),
   (256, 16, 1, 32, 18, SpmmConfig("dot_gather", 16, 128, 32, split_k=4)),  # split clamped to 2
+  # Tokens in the matrix unit's M dimension (x tile as the left operand).
+  (128, 32, 1, 8, 20, SpmmConfig("dot", 16, 64, 16, tokens_in_m=True)),
+  (256, 32, 2, 4, 37, SpmmConfig("dot", 32, 64, 16, split_k=2, tokens_in_m=True)),
+  (64, 16, 4, 8, 16, SpmmConfig("dot_gather", 16, 32, 16, tokens_in_m=True)),
   (128, 32, 1, 8, 20, SpmmConfig("gather_t", 8, 4, 8)),  # 3 token tiles, the last padded
   (256, 16, 2, 4, 5, SpmmConfig("gather_t", 16, 8, 4, split_k=4)),
   (96, 8, 1, 12, 1, SpmmConfig("gather_t", 8, 64, 16, split_k=2)),  # m not a power of two
@@ -83,11 +88,20 @@ def test_nm_matmul_reference_matches_decompressed_product():
 def test_configs():
   assert default_config(1, compress(jnp.ones((16, 4096)), 1, 4)) == candidate_configs(1, 4096)[0]
   assert {c.variant for c in candidate_configs(4, 1024)} == {"gather"}
-  assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
-  assert candidate_configs(197, 4096)[1] == SpmmConfig("dot", 64, 128, 256, 8, 3, 2)
-  assert candidate_configs(197, 1024)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
-  assert candidate_configs(197, 1024)[1] == SpmmConfig("dot", 32, 128, 256, 8, 3, 4)
-  assert candidate_configs(4096, 1024)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 1)
+  # Above 32 tokens: the tokens in the matrix unit's M dimension, ~128 programs; the tiling by
+  # density; the outputs-in-M tiling third.
+  assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1, True)
+  assert candidate_configs(197, 4096)[1] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1, True)
+  assert candidate_configs(197, 4096)[2] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  assert candidate_configs(197, 4096, 1 / 4)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1, True)
+  assert candidate_configs(197, 4096, 1 / 2)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  assert candidate_configs(197, 1024, 1 / 2)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
+  assert len(candidate_configs(197, 1024, 1 / 2)) == len(candidate_configs(197, 1024, 1 / 8))
+  assert candidate_configs(197, 1024, 1 / 32)[0] == SpmmConfig("dot", 64, 128, 128, 8, 4, 4, True)
+  assert candidate_configs(197, 1024, 1 / 16)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8, True)
+  assert candidate_configs(197, 1024, 1 / 16)[2] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
+  assert candidate_configs(4096, 1024)[0] == SpmmConfig("dot", 64, 128, 128, 8, 4, 1, True)
+  assert candidate_configs(64, 4096, 1 / 8)[0] == SpmmConfig("dot", 64, 128, 64, 8, 3, 2, True)
   # Up to 32 tokens: ~512 programs; the gathered tile first on narrow outputs and for 2:4.
   assert candidate_configs(16, 1024)[0] == SpmmConfig("dot_gather", 16, 128, 16, 4, 3, 8)
   assert candidate_configs(16, 1024)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
@@ -103,9 +117,12 @@ def test_configs():
   assert candidate_configs(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
   assert candidate_configs(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
   assert candidate_configs(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 1)
-  assert candidate_configs(197, 1024, 1 / 128)[0] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)
-  assert candidate_configs(197, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
+  assert candidate_configs(197, 4096, 1 / 128)[0].variant == "dot"  # gather_t only up to 32
+  assert candidate_configs(197, 4096, 1 / 128)[3] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
+  assert candidate_configs(197, 1024, 1 / 128)[3] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)
   assert candidate_configs(197, 4096, 1 / 32)[0].variant == "dot"
+  assert candidate_configs(16, 1024, 1 / 128)[0].variant == "gather_t"
+  assert candidate_configs(197, 1024, 1 / 256)[0].variant == "gather_t"  # tokens * density < 1
   assert candidate_configs(1, 4096, 1 / 128) == candidate_configs(1, 4096)
   c = compress(jnp.ones((4096, 16)), 1, 128)
   assert default_config(16, c) == candidate_configs(16, 16, 1 / 128)[0]
@@ -150,7 +167,10 @@ def test_mask_kernel_interpret_matches_numpy(shape, axis, n, m, dtype, nm_refere
 
 def test_mask_kernel_tilings_and_special_values(nm_reference):
   x = jax.random.normal(jax.random.key(2), (64, 20)).at[0, 0].set(jnp.inf).at[5, 3].set(-0.0)
-  for config in (MaskConfig(), MaskConfig(4, 256, 2), MaskConfig(64, 8192, 4)):
+  # The default tile: 4 columns of groups of m >= 64, 8 columns of groups of 32.
+  assert default_mask_config(128) == MaskConfig(32, 512, 1)
+  assert default_mask_config(64) == default_mask_config(32) == MaskConfig(32, 256, 1)
+  for config in (None, MaskConfig(), MaskConfig(4, 256, 2), MaskConfig(64, 8192, 4)):
     got = nm_mask_pallas(x, 3, 32, axis=0, interpret=True, config=config)
     np.testing.assert_array_equal(np.asarray(got), nm_reference(x, 3, 32, 0))
   # One tile with groups the bisection resolves early (distinct magnitudes) beside groups that
@@ -215,6 +235,7 @@ def test_nm_matmul_on_gpu(t, n, m, o):
   [
     SpmmConfig("dot", 32, 64, 16),
     SpmmConfig("dot_gather", 16, 64, 16),
+    SpmmConfig("dot", 32, 64, 16, tokens_in_m=True),
     SpmmConfig("gather_t", 8, 8, 16),
   ],
 )

@@ -13,7 +13,12 @@ it still works there. Block sizes were chosen by measurement on an H100 and an H
 fastest.
 """
 
-from nm_sparse_jax.kernels._masks import MaskConfig, nm_mask_pallas, use_mask_kernel
+from nm_sparse_jax.kernels._masks import (
+  MaskConfig,
+  default_mask_config,
+  nm_mask_pallas,
+  use_mask_kernel,
+)
 from nm_sparse_jax.kernels._spmm import (
   SpmmConfig,
   candidate_configs,
@@ -27,6 +32,7 @@ __all__ = [
   "SpmmConfig",
   "candidate_configs",
   "default_config",
+  "default_mask_config",
   "nm_mask_pallas",
   "nm_matmul",
   "nm_matmul_reference",

@@ -39,6 +39,7 @@ from nm_sparse_jax._masks import contraction_axes, parse_nm
 __all__ = [
   "MASK_KERNEL_ENV",
   "MaskConfig",
+  "default_mask_config",
   "mask_kernel_applies",
   "nm_mask_pallas",
   "use_mask_kernel",
@@ -53,10 +54,11 @@ _TILE = 4096
 class MaskConfig(NamedTuple):
   """Tile of one program, ``(block_groups, m, block_cols)``, and its warps.
 
-  The defaults were the fastest tiling on an H200 (BENCHMARKS.md): one warp per program keeps
-  each group's reductions inside a warp, and small tiles (a 128-group and 4 columns for 16:128)
-  let the bisection stop as soon as the few groups of the tile are resolved (16:128, float32:
-  1.3x-1.5x of a multiply with 512 elements per program, 1.7x-2.3x with 2048).
+  The defaults (:func:`default_mask_config`) were the fastest tilings measured (BENCHMARKS.md):
+  one warp per program keeps each group's reductions inside a warp, and small tiles (a 128-group
+  and 4 columns for 16:128) let the bisection stop as soon as the few groups of the tile are
+  resolved (16:128, float32, H200: 1.3x-1.5x of a multiply with 512 elements per program,
+  1.7x-2.3x with 2048).
 
   Attributes:
     block_c: columns (elements after the contraction axis) per program, at most.
@@ -67,6 +69,15 @@ class MaskConfig(NamedTuple):
   block_c: int = 32
   tile: int = 512
   num_warps: int = 1
+
+
+def default_mask_config(m: int) -> MaskConfig:
+  """One warp, ``max(256, 4*m)`` elements per program: 4 columns of a group of ``m >= 64``, 8 of
+  a group of 32. On an H100 (BENCHMARKS.md), 256-element tiles against 512 took 1.25x-1.88x vs
+  1.49x-1.98x of a multiply for 4:32 and 1.09x-1.58x vs 1.22x-1.70x for 8:64 (a tie on some
+  shapes), while 16:128 needs its 4 columns (512: 1.22x-1.91x, 256: 1.42x-2.60x).
+  """
+  return MaskConfig(block_c=32, tile=max(256, 4 * m), num_warps=1)
 
 
 def mask_kernel_applies(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
@@ -182,7 +193,7 @@ def nm_mask_pallas(
     n, m: the pattern; ``m`` a power of two dividing the axis; static.
     axis: the contraction axis or adjacent axes (flattened row-major); static.
     interpret: Pallas interpret mode; default: when the default backend is not a GPU.
-    config: tile and warps (default :class:`MaskConfig`'s defaults).
+    config: tile and warps (default :func:`default_mask_config`).
 
   Raises:
     ValueError: a bad pattern or axis, an unsupported dtype or ``m``, or ``m`` does not divide
@@ -211,5 +222,5 @@ def nm_mask_pallas(
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   # The mask is piecewise constant in x: no derivative flows (and none into the kernel).
-  config = config or MaskConfig()
+  config = config or default_mask_config(m)
   return _mask(jax.lax.stop_gradient(x), n=n, m=m, axes=axes, interpret=interpret, config=config)

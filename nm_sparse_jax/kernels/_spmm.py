@@ -17,10 +17,12 @@ for bfloat16 values) and accumulating in float32:
 * ``"dot"`` (16 tokens and more): each program owns ``block_out`` outputs and ``block_t``
   tokens; it expands a ``(block_out, block_k)`` tile of ``W^T`` from (values, index) in
   registers -- ``Wt[o, g*m + j] = sum_s values[o, g*n+s] * (index[o, g*n+s] == j)``, as a
-  select chain in the values' dtype -- and multiplies it with the ``x`` tile on the tensor cores
-  (``acc^T = Wt @ x^T``, so the outputs fill the matrix unit's M dimension and the tokens its N
-  dimension). It does the dense FLOPs but moves only the compressed bytes. With ``split_k > 1``
-  the ``K`` loop is split over programs (float32 partial sums, added by XLA).
+  select chain in the values' dtype -- and multiplies it with the ``x`` tile on the tensor cores:
+  ``acc^T = Wt @ x^T`` (the outputs fill the matrix unit's M dimension, up to 32 tokens) or,
+  with ``tokens_in_m``, ``acc = x @ Wt^T`` (the tokens fill M; the default above 32 tokens,
+  up to 1.3x faster at 197 tokens on an H100). It does the dense FLOPs but moves only the
+  compressed bytes. With ``split_k > 1`` the ``K`` loop is split over programs (float32
+  partial sums, added by XLA).
 * ``"dot_gather"``: the same, with the tile built straight in two dimensions from
   repeated-address loads (each position of a group loads that group's kept values and indices)
   instead of a broadcast and reshape; faster on narrow outputs and dense patterns at 16 tokens.
@@ -73,6 +75,9 @@ class SpmmConfig(NamedTuple):
     num_stages: software-pipelining depth of the loop over ``K``.
     split_k: all but "gather": programs along ``K`` (float32 partial sums, added by XLA), for
       more parallelism when ``O`` is small and ``K`` large.
+    tokens_in_m: "dot", "dot_gather": the tokens fill the matrix unit's ``M`` dimension
+      (``acc = x @ Wt^T``, the ``x`` tile the left operand) instead of the outputs
+      (``acc^T = Wt @ x^T``); ignored by the gather kernels.
   """
 
   variant: str = "gather"
@@ -82,6 +87,7 @@ class SpmmConfig(NamedTuple):
   num_warps: int = 4
   num_stages: int = 2
   split_k: int = 1
+  tokens_in_m: bool = False
 
 
 def _pow2_at_least(v: int) -> int:
@@ -94,20 +100,23 @@ def _pow2_dividing(v: int, cap: int) -> int:
 
 
 def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple[SpmmConfig, ...]:
-  """Two tensor-core candidates, split along ``K`` until enough programs run (at most 4 ways for
-  ``"dot"``, 8 for ``"dot_gather"``):
+  """Tensor-core candidates, split along ``K`` until enough programs run:
 
   * up to 32 tokens (one token tile): ``"dot"`` with 32 outputs x 256 inputs per step (~512
-    programs) and ``"dot_gather"`` with 16 outputs x 256 inputs (``O >= 2048``) or 128 (~512
-    programs); ``"dot_gather"`` first for ``O < 2048`` or ``density >= 1/2``;
-  * more tokens: ``"dot"`` with up to 256 tokens per program (the weight tile is expanded once
-    for all of them), 8 warps, ~128 programs: 32 outputs x 128 inputs per step for
-    ``O >= 2048``, else 64 x 64 (split up to 8 ways); then the other one.
+    programs, split up to 4 ways) and ``"dot_gather"`` with 16 outputs x 256 inputs
+    (``O >= 2048``) or 128 (~512 programs, split up to 8 ways); ``"dot_gather"`` first for
+    ``O < 2048`` or ``density >= 1/2``. The outputs fill the matrix unit's ``M`` dimension;
+  * more tokens: ``"dot"`` with the tokens in ``M`` (``tokens_in_m``), 8 warps, ~128 programs.
+    ``O >= 2048``: 64 outputs x 128 tokens x 128 inputs per step below ``density`` 1/4, else
+    32 x 256 x 128; ``O < 2048``: 64 x 128 x 128 split 4 ways (4 stages) below 1/16, else
+    64 x 256 x 64 split 8 ways. Then the other tiling, then the outputs-in-``M`` one
+    (32 x 256 x 128 for ``O >= 2048``, else 64 x 256 x 64 split 8 ways), which comes first
+    for ``density >= 1/2`` (2:4, H100: W1 17.1 vs 17.3 µs, W2 17.6 vs 18.3).
 
-  Measured on an H200 side by side (BENCHMARKS.md), ViT-L FFN shapes, µs: 16 tokens, 1:8, W1
+  Measured side by side (BENCHMARKS.md), ViT-L FFN shapes, µs of GPU time: 16 tokens, 1:8, W1
   ``"dot"`` 5.7 vs 7.2 for the previous 64 x 128 tiles, W2 ``"dot_gather"`` 6.6 vs 11.9, 2:4
-  9.5 vs 27.2; 197 tokens, 1:16, W1 12.8 vs 14.7, W2 (64 x 64, split 8 ways) 13.9 vs 15.4 for
-  32 x 128 split 4 ways, which was 15.4 vs 25.1 for the previous tiles.
+  9.5 vs 27.2 (H200); 197 tokens, tokens in ``M`` against outputs in ``M`` (H100): W1 1:16
+  10.7 vs 12.7, 1:32 10.0 vs 13.4; W2 1:16 13.2 vs 14.3, 1:32 12.0 vs 14.3.
   """
   wide = out_features >= 2048
 
@@ -123,10 +132,19 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
     )
     dense_ish = density is not None and density >= 0.5
     return (dot, gathered) if wide and not dense_ish else (gathered, dot)
-  narrow_tiles = SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4))
+  half_t = min(block_t, 128)
   if wide:
-    return narrow_tiles, SpmmConfig("dot", 64, 128, block_t, 8, 3, split(64, block_t, 128, 4))
-  return SpmmConfig("dot", 64, 64, block_t, 8, 3, split(64, block_t, 128, 8)), narrow_tiles
+    sparse = density is None or density < 1 / 4
+    half = SpmmConfig("dot", 64, 128, half_t, 8, 3, split(64, half_t, 128, 4), True)
+    full = SpmmConfig("dot", 32, 128, block_t, 8, 3, split(32, block_t, 128, 4), True)
+  else:
+    sparse = density is None or density < 1 / 16
+    half = SpmmConfig("dot", 64, 128, half_t, 8, 4, split(64, half_t, 128, 4), True)
+    full = SpmmConfig("dot", 64, 64, block_t, 8, 3, split(64, block_t, 128, 8), True)
+  outputs_in_m = full._replace(tokens_in_m=False)
+  if density is not None and density >= 1 / 2:
+    return outputs_in_m, full, half
+  return ((half, full) if sparse else (full, half)) + (outputs_in_m,)
 
 
 def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
@@ -158,16 +176,17 @@ def candidate_configs(
   known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
 
   * up to 8 tokens: ``"gather"`` with about 256 (or 128) programs, ~2K gathered elements a step;
-  * more, when ``tokens * density < 1`` or ``density <= 1/64`` (few products per output):
-    ``"gather_t"`` first (:func:`_gather_t_configs`), then the tensor-core candidates;
+  * more, when ``tokens * density < 1``, or ``density <= 1/64`` with at most 32 tokens (few
+    products per output): ``"gather_t"`` first (:func:`_gather_t_configs`), then the
+    tensor-core candidates;
   * otherwise: the tensor-core candidates (:func:`_dot_configs`; and ``"gather"`` up to 32
     tokens), then ``"gather_t"``.
 
   The choices come from ``bench spmm`` on an H100 and an H200 (BENCHMARKS.md), ViT-L FFN shapes:
   at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
   ``"dot"`` (W1) or ``"dot_gather"`` (W2) down to 1:16 and ``"gather_t"`` from 1:32 (W1 5.1 vs
-  5.2 µs, W2 5.4 vs 6.0, H200); at 197 tokens ``"dot"``, ``"gather_t"`` at 1:128 (10.6-11.3 vs
-  20-34 µs).
+  5.2 µs, W2 5.4 vs 6.0, H200); at 197 tokens ``"dot"`` with the tokens in ``M``, also at 1:128
+  (H100: W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
   few = min(max(out_features // 256, 4), 32)
@@ -180,7 +199,7 @@ def candidate_configs(
   if tokens <= 32:
     dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
   gather_t = _gather_t_configs(tokens, out_features)
-  if density is not None and (tokens * density < 1 or density <= 1 / 64):
+  if density is not None and (tokens * density < 1 or (density <= 1 / 64 and tokens <= 32)):
     return (*gather_t, *dots)
   return (*dots, *gather_t)
 
@@ -209,16 +228,17 @@ def _prefetched_loop(steps, load, body, acc):
   ``body`` consumes the loaded indices through a gather (the gather kernels) or a tile expansion
   (``"dot"``), not directly, so Triton's pipeliner does not overlap the two by itself
   (BENCHMARKS.md, gather kernels: up to 1.5x faster at one token, 5-25% at 16 tokens; 0-15%
-  slower with 32-token tiles, not yet special-cased). ``load(steps)`` is called
-  once and its result unused: ``load`` clamps its index to the last step.
+  slower with 32-token tiles, not yet special-cased). The last step reloads step
+  ``steps - 1`` (unused) rather than reading past the end.
   """
 
   def step(i, carry):
     acc, *current = carry
-    upcoming = load(i + 1)
+    upcoming = load(jnp.minimum(i + 1, steps - 1))
     return (body(i, acc, *current), *upcoming)
 
-  acc, *_ = jax.lax.fori_loop(0, steps, step, (acc, *load(0)))
+  # A traced step index even for step 0: pl.multiple_of does not take a Python int on the GPU.
+  acc, *_ = jax.lax.fori_loop(0, steps, step, (acc, *load(jnp.int32(0))))
   return acc
 
 
@@ -230,8 +250,8 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
   steps = per_row // block_k
 
-  def load(i):  # step i's kept weights, the index clamped to the last step
-    c0 = pl.multiple_of(jnp.minimum(i, steps - 1) * block_k, block_k)
+  def load(i):  # step i's kept weights
+    c0 = pl.multiple_of(i * block_k, block_k)
     return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
   def body(_, acc, v, k):
@@ -261,8 +281,8 @@ def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, b
   t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
 
-  def load(i):  # step i's kept weights, the index clamped to the last step
-    c0 = pl.multiple_of(jnp.minimum(first + i, first + steps - 1) * block_k, block_k)
+  def load(i):  # step i's kept weights
+    c0 = pl.multiple_of((first + i) * block_k, block_k)
     return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
 
   def body(_, acc, v, k):
@@ -290,10 +310,12 @@ def _expand_broadcast(values, indices, m):
 
 
 def _dot_kernel(
-  x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, split_k, gather
-):
+  x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, split_k, gather,
+  tokens_in_m,
+):  # fmt: skip
   """One program: ``block_out`` outputs by ``block_t`` tokens by ``K / split_k`` inputs, a
-  tensor-core dot per ``block_k`` tile; with ``split_k > 1`` it writes a float32 partial sum.
+  tensor-core dot per ``block_k`` tile (``x @ Wt^T`` with ``tokens_in_m``, else ``Wt @ x^T``);
+  with ``split_k > 1`` it writes a float32 partial sum.
 
   The ``(block_out, block_k)`` tile of ``W^T`` is built either from ``(block_out, groups)``
   loads of each kept weight's value and index, prefetched a step ahead and broadcast over the
@@ -316,13 +338,13 @@ def _dot_kernel(
     k0 = pl.multiple_of(s * block_k, block_k)
     return plgpu.load(x_ref.at[pl.ds(t0, block_t), pl.ds(k0, block_k)], mask=t_ok, other=0.0)
 
-  def accumulate(acc, wt, xt):  # acc^T += Wt @ x^T: contract the K axes of both tiles
+  def accumulate(acc, wt, xt):  # acc += x @ Wt^T or acc^T += Wt @ x^T: contract both K axes
+    a, b = (xt, wt.astype(xt.dtype)) if tokens_in_m else (wt.astype(xt.dtype), xt)
     return acc + jax.lax.dot_general(
-      wt.astype(xt.dtype), xt, (((1,), (1,)), ((), ())), precision=precision,
-      preferred_element_type=jnp.float32,
-    )  # fmt: skip
+      a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
-  acc = jnp.zeros((block_out, block_t), jnp.float32)
+  acc = jnp.zeros((block_t, block_out) if tokens_in_m else (block_out, block_t), jnp.float32)
   if gather:
     shape = (block_out, block_k)
     rows = jnp.broadcast_to(row0 + jnp.arange(block_out, dtype=jnp.int32)[:, None], shape)
@@ -343,8 +365,8 @@ def _dot_kernel(
     acc = jax.lax.fori_loop(0, steps, step, acc)
   else:
 
-    def load(i):  # step i's kept weights, the index clamped to the last step
-      c0 = pl.multiple_of(jnp.minimum(first + i, first + steps - 1) * block_c, block_c)
+    def load(i):  # step i's kept weights
+      c0 = pl.multiple_of((first + i) * block_c, block_c)
       cols = [pl.ds(c0 + q, groups, stride=n) if n > 1 else pl.ds(c0, groups) for q in range(n)]
       values = [v_ref[pl.ds(row0, block_out), c] for c in cols]
       return (*values, *(i_ref[pl.ds(row0, block_out), c] for c in cols))
@@ -356,7 +378,8 @@ def _dot_kernel(
   ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_out))
   tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
   tile = (pl.program_id(2), *tile) if split_k > 1 else tile
-  plgpu.store(o_ref.at[tile], acc.T.astype(o_ref.dtype), mask=ok)
+  y = acc if tokens_in_m else acc.T
+  plgpu.store(o_ref.at[tile], y.astype(o_ref.dtype), mask=ok)
 
 
 def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfig:
@@ -368,22 +391,20 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
     if value < 1 or value & (value - 1):
       raise ValueError(f"SpmmConfig.{name}={value} is not a power of two")
   block_out = _pow2_dividing(c.out_features, config.block_out)
-  if config.variant == "gather_t":
+  if config.variant in ("gather", "gather_t"):  # block_k counts compressed columns
     per_row = c.values.shape[1]
     block_k = _pow2_dividing(per_row, config.block_k)
+    if config.variant == "gather":  # all tokens in one program, no split
+      return config._replace(
+        block_out=block_out, block_k=block_k, block_t=_pow2_at_least(tokens), split_k=1,
+        tokens_in_m=False,
+      )  # fmt: skip
     return config._replace(
       block_out=block_out,
       block_k=block_k,
       block_t=min(config.block_t, _pow2_at_least(tokens)),
       split_k=_pow2_dividing(per_row // block_k, config.split_k),
-    )
-  if config.variant == "gather":
-    per_row = c.values.shape[1]
-    return config._replace(
-      block_out=block_out,
-      block_k=_pow2_dividing(per_row, config.block_k),
-      block_t=_pow2_at_least(tokens),
-      split_k=1,
+      tokens_in_m=False,
     )
   if c.m & (c.m - 1):
     raise ValueError(f"the {config.variant!r} N:M kernel needs m a power of two, got m={c.m}")
@@ -423,7 +444,9 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
     )
   else:
     gather = config.variant == "dot_gather"
-    kernel = functools.partial(_dot_kernel, split_k=config.split_k, gather=gather, **kwargs)
+    kernel = functools.partial(
+      _dot_kernel, split_k=config.split_k, gather=gather, tokens_in_m=config.tokens_in_m, **kwargs
+    )
     grid = (out_features // config.block_out, pl.cdiv(tokens, config.block_t), config.split_k)
     if config.split_k > 1:
       out_shape = jax.ShapeDtypeStruct((config.split_k, tokens, out_features), jnp.float32)

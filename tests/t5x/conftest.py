@@ -213,6 +213,24 @@ TINY_RUN = (
 )
 
 
+# A GLUE fine-tuning run shrunk for the tests: 8 sparse steps (dense j < 1, fine-tune j >= 6)
+# after the dense run's checkpoint_10, inference eval every 4 steps.
+GLUE_FROM_STEP_10 = (
+  "TRAIN_STEPS=18",
+  "NM_TOTAL_STEPS=8",
+  "NM_DENSE_STEPS=1",
+  "NM_FINE_TUNE_STEPS=2",
+  "EVAL_PERIOD=4",
+  "EVAL_STEPS=2",
+)
+
+
+@pytest.fixture(scope="session")
+def glue_from_step_10(dense_run) -> tuple[str, ...]:
+  """:data:`GLUE_FROM_STEP_10` and the dense run's checkpoint_10 as the initial checkpoint."""
+  return (f"INITIAL_CHECKPOINT_PATH='{dense_run / 'checkpoint_10'}'", *GLUE_FROM_STEP_10)
+
+
 @pytest.fixture(scope="session")
 def sparse_gin() -> tuple[str, ...]:
   return SPARSE

@@ -43,7 +43,7 @@ def inferences(model_dir, step: int) -> list[dict]:
 
 
 def test_glue_cola_fine_tunes_and_evaluates_with_t5_preprocessors_and_metric(
-  t5x_harness, dense_run, tiny_run, offline
+  t5x_harness, glue_from_step_10, tiny_run, offline
 ):
   """glue/finetune.gin + a Table 4 file on glue_cola_v002 (SDGF-Stepwise 1:4, 8 steps from the
   dense checkpoint_10): T5X's vocabulary check passes with T5's vocabulary, the inference eval
@@ -57,13 +57,7 @@ def test_glue_cola_fine_tunes_and_evaluates_with_t5_preprocessors_and_metric(
     [
       *(b for b in tiny_run if not b.startswith("MIXTURE_OR_TASK_MODULE")),
       f"MIXTURE_OR_TASK_NAME='{TASK}'",
-      f"INITIAL_CHECKPOINT_PATH='{dense_run / 'checkpoint_10'}'",
-      "TRAIN_STEPS=18",
-      "NM_TOTAL_STEPS=8",
-      "NM_DENSE_STEPS=1",
-      "NM_FINE_TUNE_STEPS=2",
-      "EVAL_PERIOD=4",
-      "EVAL_STEPS=2",
+      *glue_from_step_10,
     ],
     flags=flags,
     via=via,

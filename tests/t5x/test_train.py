@@ -151,7 +151,7 @@ def test_groups_straddling_shards_are_refused(t5x_harness, sparse_gin):
 
 
 def test_glue_configuration_fine_tunes_tiny_model_from_adafactor_checkpoint(
-  t5x_harness, dense_run, tiny_run
+  t5x_harness, glue_from_step_10, tiny_run
 ):
   """glue/finetune.gin + a Table 4 file, shrunk: AdamW + nm_sparsity restored from an Adafactor
   checkpoint (fresh optimizer state), SDGF-Stepwise 1:8 FF + 1:8 QK over 8 steps from step 10;
@@ -163,13 +163,7 @@ def test_glue_configuration_fine_tunes_tiny_model_from_adafactor_checkpoint(
     [
       *tiny_run,
       "MIXTURE_OR_TASK_NAME='nm_tiny_classify'",
-      f"INITIAL_CHECKPOINT_PATH='{dense_run / 'checkpoint_10'}'",
-      "TRAIN_STEPS=18",
-      "NM_TOTAL_STEPS=8",
-      "NM_DENSE_STEPS=1",
-      "NM_FINE_TUNE_STEPS=2",
-      "EVAL_PERIOD=4",
-      "EVAL_STEPS=2",
+      *glue_from_step_10,
     ],
   )
   assert json.loads((model_dir / "nm_sparsity.json").read_text()) == {"start_step": 10}
