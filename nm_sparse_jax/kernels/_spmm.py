@@ -106,17 +106,19 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
     programs, split up to 4 ways) and ``"dot_gather"`` with 16 outputs x 256 inputs
     (``O >= 2048``) or 128 (~512 programs, split up to 8 ways); ``"dot_gather"`` first for
     ``O < 2048`` or ``density >= 1/2``. The outputs fill the matrix unit's ``M`` dimension;
-  * more tokens: ``"dot"`` with the tokens in ``M`` (``tokens_in_m``), 8 warps, ~128 programs.
+  * more tokens: ``"dot"`` with the tokens in ``M`` (``tokens_in_m``), ~128 programs.
     ``O >= 2048``: 64 outputs x 128 tokens x 128 inputs per step below ``density`` 1/4, else
-    32 x 256 x 128; ``O < 2048``: 64 x 128 x 128 split 4 ways (4 stages) below 1/16, else
-    64 x 256 x 64 split 8 ways. Then the other tiling, then the outputs-in-``M`` one
-    (32 x 256 x 128 for ``O >= 2048``, else 64 x 256 x 64 split 8 ways), which comes first
-    for ``density >= 1/2`` (2:4, H100: W1 17.1 vs 17.3 µs, W2 17.6 vs 18.3).
+    32 x 256 x 128 (8 warps); ``O < 2048``: 64 x 128 x 128 split 4 ways (8 warps, 4 stages)
+    below 1/16, else 64 x 256 x 64 split 8 ways (4 warps below 1/4, else 8). Then the other
+    tiling, then the outputs-in-``M`` one (32 x 256 x 128 for ``O >= 2048``, else 64 x 256 x
+    64 split 8 ways; 8 warps), which comes first for ``density >= 1/2`` (2:4, H100: W1 17.1
+    vs 17.3 µs, W2 17.6 vs 18.3).
 
   Measured side by side (BENCHMARKS.md), ViT-L FFN shapes, µs of GPU time: 16 tokens, 1:8, W1
   ``"dot"`` 5.7 vs 7.2 for the previous 64 x 128 tiles, W2 ``"dot_gather"`` 6.6 vs 11.9, 2:4
   9.5 vs 27.2 (H200); 197 tokens, tokens in ``M`` against outputs in ``M`` (H100): W1 1:16
-  10.7 vs 12.7, 1:32 10.0 vs 13.4; W2 1:16 13.2 vs 14.3, 1:32 12.0 vs 14.3.
+  10.7 vs 12.7, 1:32 10.0 vs 13.4; W2 1:16 13.2 vs 14.3, 1:32 12.0 vs 14.3; W2 with 4 warps
+  instead of 8: 1:16 12.8 vs 13.2, 1:8 13.4 vs 14.3, but 1:4 15.8 vs 14.5.
   """
   wide = out_features >= 2048
 
@@ -140,8 +142,9 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
   else:
     sparse = density is None or density < 1 / 16
     half = SpmmConfig("dot", 64, 128, half_t, 8, 4, split(64, half_t, 128, 4), True)
-    full = SpmmConfig("dot", 64, 64, block_t, 8, 3, split(64, block_t, 128, 8), True)
-  outputs_in_m = full._replace(tokens_in_m=False)
+    warps = 8 if density is not None and density >= 1 / 4 else 4
+    full = SpmmConfig("dot", 64, 64, block_t, warps, 3, split(64, block_t, 128, 8), True)
+  outputs_in_m = full._replace(tokens_in_m=False, num_warps=8)
   if density is not None and density >= 1 / 2:
     return outputs_in_m, full, half
   return ((half, full) if sparse else (full, half)) + (outputs_in_m,)
