@@ -106,6 +106,9 @@ def test_configs():
   # Up to 32 tokens: ~512 programs; the gathered tile first on narrow outputs and for 2:4.
   assert candidate_configs(16, 1024)[0] == SpmmConfig("dot_gather", 16, 128, 16, 4, 3, 8)
   assert candidate_configs(16, 1024)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
+  # ... except from 1:8 on narrow outputs: the tokens in M first.
+  assert candidate_configs(16, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 16, 4, 3, 8, True)
+  assert candidate_configs(16, 1024, 1 / 4)[0].variant == "dot_gather"
   assert candidate_configs(16, 4096, 1 / 8)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
   assert candidate_configs(16, 4096, 1 / 8)[1] == SpmmConfig("dot_gather", 16, 256, 16, 4, 3, 2)
   assert candidate_configs(16, 4096, 1 / 2)[0].variant == "dot_gather"

@@ -105,7 +105,10 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
   * up to 32 tokens (one token tile): ``"dot"`` with 32 outputs x 256 inputs per step (~512
     programs, split up to 4 ways) and ``"dot_gather"`` with 16 outputs x 256 inputs
     (``O >= 2048``) or 128 (~512 programs, split up to 8 ways); ``"dot_gather"`` first for
-    ``O < 2048`` or ``density >= 1/2``. The outputs fill the matrix unit's ``M`` dimension;
+    ``O < 2048`` or ``density >= 1/2``. The outputs fill the matrix unit's ``M`` dimension,
+    except for ``O < 2048`` and ``density < 1/4``: there ``"dot"`` with the tokens in ``M``, 32
+    outputs x 128 inputs split up to 8 ways, comes first (H100, W2 at 16 tokens, two sweeps:
+    1:8 6.5 vs 6.7 µs for ``"dot_gather"``, 1:16 5.9 vs 6.3);
   * more tokens: ``"dot"`` with the tokens in ``M`` (``tokens_in_m``), ~128 programs.
     ``O >= 2048``: 64 outputs x 128 tokens x 128 inputs per step below ``density`` 1/4, else
     32 x 256 x 128 (8 warps); ``O < 2048``: 64 x 128 x 128 split 4 ways (8 warps, 4 stages)
@@ -133,7 +136,10 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
       "dot_gather", 16, 256 if wide else 128, block_t, 4, 3, split(16, block_t, 512, 8)
     )
     dense_ish = density is not None and density >= 0.5
-    return (dot, gathered) if wide and not dense_ish else (gathered, dot)
+    if wide or density is None or density >= 1 / 4:
+      return (dot, gathered) if wide and not dense_ish else (gathered, dot)
+    tokens_first = SpmmConfig("dot", 32, 128, block_t, 4, 3, split(32, block_t, 512, 8), True)
+    return tokens_first, gathered, dot
   half_t = min(block_t, 128)
   if wide:
     sparse = density is None or density < 1 / 4
