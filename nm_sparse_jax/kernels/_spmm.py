@@ -403,17 +403,12 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
   if config.variant in ("gather", "gather_t"):  # block_k counts compressed columns
     per_row = c.values.shape[1]
     block_k = _pow2_dividing(per_row, config.block_k)
+    config = config._replace(block_out=block_out, block_k=block_k, tokens_in_m=False)
     if config.variant == "gather":  # all tokens in one program, no split
-      return config._replace(
-        block_out=block_out, block_k=block_k, block_t=_pow2_at_least(tokens), split_k=1,
-        tokens_in_m=False,
-      )  # fmt: skip
+      return config._replace(block_t=_pow2_at_least(tokens), split_k=1)
     return config._replace(
-      block_out=block_out,
-      block_k=block_k,
       block_t=min(config.block_t, _pow2_at_least(tokens)),
       split_k=_pow2_dividing(per_row // block_k, config.split_k),
-      tokens_in_m=False,
     )
   if c.m & (c.m - 1):
     raise ValueError(f"the {config.variant!r} N:M kernel needs m a power of two, got m={c.m}")
