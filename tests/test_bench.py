@@ -21,6 +21,16 @@ def test_mask_benchmark_checks_every_pattern(tmp_path, capsys):
   saved = json.loads(out.read_text())
   assert saved["records"] == records and "JAX" in saved["device"]
   assert "nm_mask time / x*y time" in capsys.readouterr().out
+  on_gpu = jax.default_backend() == "gpu"
+  assert all((r["gpu_ratio"] is not None) == on_gpu for r in records)
+
+
+def test_mask_table_shows_wall_or_gpu_ratios():
+  record = dict(shape="8x4", dtype="float32", pattern="2:4", correct=True, ratio=1.5,
+                multiply_us=10.0, gpu_ratio=0.75, multiply_gpu_us=4.0)  # fmt: skip
+  wall, gpu = bench_masks.table([record]), bench_masks.table([record], gpu=True)
+  assert "1.50x" in wall and "10.0" in wall and "0.75x" not in wall
+  assert "0.75x" in gpu and "4.0" in gpu and "1.50x" not in gpu
 
 
 def test_step_benchmark_runs_every_variant(tmp_path):

@@ -1,7 +1,10 @@
 """Cost of ``nm_mask`` relative to one elementwise multiply ``x * y`` of the same arrays.
 
 Each timed call processes ``copies`` distinct arrays (so that on a GPU the working set exceeds
-the L2 cache); times are medians over ``reps`` calls. Every mask is checked against a NumPy
+the L2 cache); wall times are medians over ``reps`` calls. On a GPU the kernels' own time is
+also read from a profiler trace (``gpu_ratio``): wall time includes the host's dispatch of each
+kernel, about 8-10 µs for a Pallas call that XLA cannot put in a CUDA graph, which inside a
+training step overlaps the GPU's work on earlier kernels. Every mask is checked against a NumPy
 reference (stable sort of ``-|x|`` per group) before it is timed.
 
     python -m nm_sparse_jax bench masks [--shapes 768x2048,2048x768] [--dtypes float32,bfloat16]
@@ -19,6 +22,7 @@ import jax
 import numpy as np
 
 from nm_sparse_jax._masks import nm_mask, parse_nm
+from nm_sparse_jax.bench._profile import gpu_kernel_seconds
 from nm_sparse_jax.bench._timing import device_description, interleaved_medians
 
 PATTERNS = ("2:4", "1:4", "1:8", "1:16", "1:32", "1:128", "4:8", "16:128")
@@ -57,12 +61,10 @@ def run(
         masks = jax.jit(lambda a, n=n, m=m: [nm_mask(u, n, m, axis=0) for u in a])
         got = np.asarray(masks(xs[:1])[0])
         correct = bool(np.array_equal(got, reference_mask(np.asarray(xs[0], np.float32), n, m)))
-        seconds, base = (
-          t / copies
-          for t in interleaved_medians(
-            [functools.partial(masks, xs), functools.partial(multiply, xs, ys)], reps=reps
-          )
-        )
+        fns = [functools.partial(masks, xs), functools.partial(multiply, xs, ys)]
+        seconds, base = (t / copies for t in interleaved_medians(fns, reps=reps))
+        gpu = gpu_kernel_seconds(fns, calls=5)
+        gpu_mask, gpu_base = (t / copies for t in gpu) if gpu else (None, None)
         records.append(
           {
             "shape": "x".join(map(str, shape)),
@@ -71,20 +73,31 @@ def run(
             "mask_us": seconds * 1e6,
             "multiply_us": base * 1e6,
             "ratio": seconds / base,
+            "mask_gpu_us": gpu_mask * 1e6 if gpu else None,
+            "multiply_gpu_us": gpu_base * 1e6 if gpu else None,
+            "gpu_ratio": gpu_mask / gpu_base if gpu else None,
             "correct": correct,
           }
         )
+        on_gpu = (
+          f"  GPU time: nm_mask {gpu_mask * 1e6:7.1f} us  x*y {gpu_base * 1e6:7.1f} us"
+          f"  ratio {gpu_mask / gpu_base:5.2f}"
+          if gpu
+          else ""
+        )
         print(
           f"  {records[-1]['shape']:>10} {dtype:>9} {text:>7}: nm_mask {seconds * 1e6:9.1f} us"
-          f"  x*y {base * 1e6:8.1f} us  ratio {seconds / base:5.2f}"
+          f"  x*y {base * 1e6:8.1f} us  ratio {seconds / base:5.2f}{on_gpu}"
           f"{'' if correct else '  WRONG'}",
           flush=True,
         )
   return records
 
 
-def table(records: Sequence[dict]) -> str:
-  """Ratios nm_mask / (x*y): one row per pattern, one column per shape and dtype."""
+def table(records: Sequence[dict], *, gpu: bool = False) -> str:
+  """Ratios nm_mask / (x*y), wall time or (``gpu``) GPU kernel time: one row per pattern, one
+  column per shape and dtype."""
+  ratio, base_key = ("gpu_ratio", "multiply_gpu_us") if gpu else ("ratio", "multiply_us")
   columns = sorted({(r["shape"], r["dtype"]) for r in records}, key=lambda c: (c[1], c[0]))
   patterns = list(dict.fromkeys(r["pattern"] for r in records))
   cell = {(r["shape"], r["dtype"], r["pattern"]): r for r in records}
@@ -94,11 +107,10 @@ def table(records: Sequence[dict]) -> str:
     row = [p]
     for s, d in columns:
       r = cell.get((s, d, p))
-      row.append("-" if r is None else f"{r['ratio']:.2f}x" + ("" if r["correct"] else " WRONG"))
+      row.append("-" if r is None else f"{r[ratio]:.2f}x" + ("" if r["correct"] else " WRONG"))
     rows.append(row)
   base = ["x*y (us)"] + [
-    f"{next(r['multiply_us'] for r in records if (r['shape'], r['dtype']) == c):.1f}"
-    for c in columns
+    f"{next(r[base_key] for r in records if (r['shape'], r['dtype']) == c):.1f}" for c in columns
   ]
   rows.append(base)
   widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
@@ -123,8 +135,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     copies=args.copies,
     reps=args.reps,
   )
-  print("\nnm_mask time / x*y time (same arrays, groups along axis 0):")
+  print("\nnm_mask time / x*y time, wall clock (same arrays, groups along axis 0):")
   print(table(records))
+  if records and all(r["gpu_ratio"] is not None for r in records):
+    print("\nnm_mask time / x*y time, GPU kernel time (profiler):")
+    print(table(records, gpu=True))
   if args.json:
     with open(args.json, "w") as f:
       json.dump({"device": device_description(), "records": records}, f, indent=1)
