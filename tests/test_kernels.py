@@ -1,5 +1,7 @@
 """The Pallas kernels against NumPy: on a CPU in Pallas interpret mode, compiled on a GPU."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -109,15 +111,20 @@ def test_configs():
   # ... except from 1:8 on narrow outputs: the tokens in M first.
   assert candidate_configs(16, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 16, 4, 3, 8, True)
   assert candidate_configs(16, 1024, 1 / 4)[0].variant == "dot_gather"
-  assert candidate_configs(16, 4096, 1 / 8)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
-  assert candidate_configs(16, 4096, 1 / 8)[1] == SpmmConfig("dot_gather", 16, 256, 16, 4, 3, 2)
+  # Wide outputs, at most 16 tokens, density <= 1/4: an unsplit dot first, then the split one.
+  assert candidate_configs(16, 4096, 1 / 8)[0] == SpmmConfig("dot", 16, 256, 16, 2, 3, 1)
+  assert candidate_configs(16, 4096, 1 / 8)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
+  assert candidate_configs(16, 4096, 1 / 8)[2] == SpmmConfig("dot_gather", 16, 256, 16, 4, 3, 2)
+  assert candidate_configs(16, 4096, 1 / 4)[0] == SpmmConfig("dot", 16, 256, 16, 4, 2, 1)
+  assert candidate_configs(16, 4096, 1 / 16)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 1)
+  assert candidate_configs(8 + 1, 4096, 1 / 32)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 1)
+  assert candidate_configs(32, 4096, 1 / 8)[0] == SpmmConfig("dot", 32, 256, 32, 4, 3, 4)
   assert candidate_configs(16, 4096, 1 / 2)[0].variant == "dot_gather"
-  assert candidate_configs(16, 4096, 1 / 16)[0].variant == "dot"
   variants = {c.variant for c in candidate_configs(16, 4096, 1 / 8)}
   assert variants == {"dot", "dot_gather", "gather", "gather_t"}
   # Few kept weights per output: the token-tiled gather first, the dot kernels still tried.
-  assert candidate_configs(16, 4096, 1 / 32)[0] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
-  assert candidate_configs(16, 4096, 1 / 32)[2] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert candidate_configs(16, 4096, 1 / 32)[4] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
+  assert candidate_configs(32, 4096, 1 / 64)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
   assert candidate_configs(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
   assert candidate_configs(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
   assert candidate_configs(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 1)
@@ -171,19 +178,23 @@ def test_mask_kernel_interpret_matches_numpy(shape, axis, n, m, dtype, nm_refere
 
 def test_mask_kernel_tilings_and_special_values(nm_reference):
   x = jax.random.normal(jax.random.key(2), (64, 20)).at[0, 0].set(jnp.inf).at[5, 3].set(-0.0)
-  # The default tile: 4 columns of groups of m >= 64, 8 columns of groups of 32.
-  assert default_mask_config(128) == MaskConfig(32, 512, 1)
-  assert default_mask_config(64) == default_mask_config(32) == MaskConfig(32, 256, 1)
-  for config in (None, MaskConfig(), MaskConfig(4, 256, 2), MaskConfig(64, 8192, 4)):
+  # Defaults: whole float32 groups per thread up to m = 32, chunks for larger groups.
+  assert default_mask_config(32) == MaskConfig(32, 32, early_stop=True)
+  assert default_mask_config(128) == MaskConfig(32, 8, early_stop=True)
+  assert default_mask_config(32, jnp.bfloat16) == MaskConfig(16, 16)
+  assert default_mask_config(128, jnp.float16) == MaskConfig(32, 32)
+  configs = (None, MaskConfig(), MaskConfig(4, 8), MaskConfig(8, 64, True), MaskConfig(1, 1))
+  for config in configs:  # 20 columns: blocks of 4; 1 to 32 elements of a group per thread
     got = nm_mask_pallas(x, 3, 32, axis=0, interpret=True, config=config)
     np.testing.assert_array_equal(np.asarray(got), nm_reference(x, 3, 32, 0))
-  # One tile with groups the bisection resolves early (distinct magnitudes) beside groups that
-  # need every bit (ties at the n-th largest), and all-equal groups.
+  # Groups the bisection resolves early (distinct magnitudes) beside groups that need every bit
+  # (ties at the n-th largest), and all-equal groups, with and without the early stop.
   normal = jax.random.normal(jax.random.key(3), (128, 5))
   tied = _tied(jax.random.key(4), (128, 5), jnp.float32)
   mixed = jnp.concatenate([normal, tied, jnp.full((128, 2), 0.5)], axis=1)
-  for n, m in ((16, 128), (5, 64), (63, 64)):
-    got = nm_mask_pallas(mixed, n, m, axis=0, interpret=True)
+  for (n, m), early in itertools.product(((16, 128), (5, 64), (63, 64)), (False, True)):
+    config = MaskConfig(8, 4, early)  # chunks x 4 columns
+    got = nm_mask_pallas(mixed, n, m, axis=0, interpret=True, config=config)
     np.testing.assert_array_equal(np.asarray(got), nm_reference(mixed, n, m, 0))
 
 
@@ -195,25 +206,41 @@ def test_mask_kernel_has_no_gradient():
 
 
 def test_mask_kernel_errors():
-  with pytest.raises(ValueError, match="m a power of two <= 4096; got dtype float32, m=6"):
+  with pytest.raises(ValueError, match="m a power of two <= 1024; got dtype float32, m=6"):
     nm_mask_pallas(jnp.ones((12, 2)), 3, 6)
   with pytest.raises(ValueError, match="got dtype int32"):
     nm_mask_pallas(jnp.ones((8, 2), jnp.int32), 1, 4)
   with pytest.raises(ValueError, match="not divisible by m=8"):
     nm_mask_pallas(jnp.ones((12, 2)), 1, 8)
+  with pytest.raises(ValueError, match="m a power of two <= 1024; got dtype float32, m=2048"):
+    nm_mask_pallas(jnp.ones((2048, 2)), 1, 2048)
+  with pytest.raises(ValueError, match=r"MaskConfig.sub=3 is not a power of two"):
+    nm_mask_pallas(jnp.ones((8, 2)), 1, 8, config=MaskConfig(sub=3), interpret=True)
+  with pytest.raises(ValueError, match=r"m=1024: 64 chunks x 32 columns = 2048 threads"):
+    nm_mask_pallas(jnp.ones((1024, 64)), 1, 1024, config=MaskConfig(16, 32), interpret=True)
+  wide = jax.ShapeDtypeStruct((8, 65536 * 8), jnp.float32)  # traced only, never allocated
+  with pytest.raises(ValueError, match="524288 columns in blocks of 4: 131072 column blocks"):
+    jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, config=MaskConfig(8, 4), interpret=True), wide)
+  assert jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, interpret=True), wide).shape == wide.shape
 
 
 def test_use_mask_kernel_policy(monkeypatch):
-  x = jnp.ones((128, 4))
+  x, x16 = jnp.ones((128, 4)), jnp.ones((128, 4), jnp.bfloat16)
   monkeypatch.delenv(MASK_KERNEL_ENV, raising=False)
   assert not use_mask_kernel(x, 16, 128, (0,))  # opt-in
   monkeypatch.setenv(MASK_KERNEL_ENV, "auto")
   assert use_mask_kernel(x, 16, 128, (0,)) and use_mask_kernel(x, 8, 64, (0,))
-  assert not use_mask_kernel(x, 1, 128, (0,))  # one XLA pass
-  assert not use_mask_kernel(x, 2, 32, (0,))  # two XLA passes
-  assert use_mask_kernel(x, 4, 32, (0,))
-  assert not use_mask_kernel(x, 2, 4, (0,))  # all-pairs XLA pass
+  assert use_mask_kernel(x, 2, 32, (0,)) and use_mask_kernel(x16, 2, 32, (0,))  # XLA: 2 passes
+  assert not use_mask_kernel(x, 1, 128, (0,)) and use_mask_kernel(x16, 1, 128, (0,))  # argmax
+  assert use_mask_kernel(x, 31, 32, (0,)) and use_mask_kernel(x16, 1, 256, (0,))
+  assert not use_mask_kernel(x, 63, 64, (0,))
+  assert use_mask_kernel(x, 1, 16, (0,)) and use_mask_kernel(x, 7, 8, (0,))
+  assert not use_mask_kernel(x, 2, 4, (0,)) and not use_mask_kernel(x16, 1, 4, (0,))  # m <= 4
+  assert not use_mask_kernel(x, 4, 8, (0,)) and not use_mask_kernel(x16, 3, 16, (0,))  # all-pairs
   assert not use_mask_kernel(jnp.ones((96, 4)), 16, 96, (0,))  # m not a power of two
+  assert not use_mask_kernel(jnp.ones((2048, 4)), 16, 2048, (0,))  # m above 1024
+  wide = jax.ShapeDtypeStruct((8, 65536 * 64), jnp.float32)  # 131072 blocks of 32 columns
+  assert not use_mask_kernel(wide, 1, 8, (0,)) and use_mask_kernel(wide, 1, 8, (1,))
   monkeypatch.setenv(MASK_KERNEL_ENV, "1")
   assert use_mask_kernel(x, 2, 4, (0,))
   monkeypatch.setenv(MASK_KERNEL_ENV, "0")

@@ -3,22 +3,31 @@
 Same result as :func:`nm_sparse_jax.nm_mask`: in every group of ``m`` along the contraction axis,
 the ``n`` largest ``|x|``, ties to the lower index. Magnitudes are compared as the integer bit
 pattern of ``|x|`` (``key``, 31 bits for float32, 15 for bfloat16/float16; NaN above infinity).
-For each group, held in registers:
+
+Layout. A program owns ``block_c`` columns (elements after the contraction axis) of one row of
+groups. A group of ``m = chunks * sub`` elements is held as ``sub`` arrays of shape
+``(chunks, block_c)``, array ``i`` holding elements ``q*sub + i`` (``q < chunks``), one element
+per thread: each thread keeps ``sub`` elements of one group in registers, so a count over the
+group is ``sub`` in-thread additions plus, when ``chunks > 1``, one sum over the ``chunks``
+threads (or warps) that share the group. Earlier versions let Triton lay a 3-D tile out, which
+spread each group over the lanes of a warp and spent most instructions on shuffles (on an H100,
+26.6M instructions for a bfloat16 4:32 mask of 1024x4096, against 8.5M with whole groups per
+thread; BENCHMARKS.md).
+
+For each group:
 
 1. a threshold ``theta`` with ``#(key >= theta) >= n``, by bisection on the bits of the ``n``-th
-   largest key, high to low (one comparison and one sum over the group per bit). The bisection
-   stops early once every group of the program's tile has exactly ``n`` keys ``>= theta``
-   (then those are its ``n`` largest); otherwise, after all bits, ``theta`` is the ``n``-th
-   largest key;
+   largest key, high to low (one comparison and one count over the group per bit). With
+   ``early_stop`` the bisection ends once every group of the program has exactly ``n`` keys
+   ``>= theta`` (then those are its ``n`` largest); otherwise, after all bits, ``theta`` is the
+   ``n``-th largest key;
 2. ``need = n - #(key > theta)`` ties are still to keep: the ``need`` lowest-index elements with
-   ``key == theta``, found by an inclusive prefix count of the ties along the group (with the
-   early stop, every element with ``key == theta`` is kept).
+   ``key == theta``, ranked by the ties in earlier chunks (an exclusive prefix sum over the
+   chunks) plus the ties before them in their own chunk.
 
-``keep = key > theta  or  (key == theta  and  prefix_count <= need)``. The cost is at most
-``bits + 1`` passes over registers, the same for every ``n`` (16:128 as cheap as 1:128), and
-memory traffic is the read of ``x`` plus one byte per element. For float32 weights the early
-stop typically comes after the exponent and the leading mantissa bits that separate the
-``n``-th from the ``n+1``-th largest magnitude, well before all 31 bits.
+``keep = key > theta  or  (key == theta  and  rank <= need)``. The cost is at most ``bits + 1``
+counts per element, the same for every ``n`` (16:128 as cheap as 1:128); memory traffic is the
+read of ``x`` plus one byte per element.
 """
 
 from __future__ import annotations
@@ -47,49 +56,74 @@ __all__ = [
 
 MASK_KERNEL_ENV = "NM_SPARSE_JAX_MASK_KERNEL"
 _KEY = {4: (jnp.int32, 31), 2: (jnp.int16, 15)}
-# Largest group the kernel takes (one group must fit a program's tile).
-_TILE = 4096
+# Largest group the kernel takes: 32 chunks of 32 elements, one program of 1024 threads.
+_MAX_M = 1024
+_MAX_THREADS = 1024
+_MAX_COLUMN_BLOCKS = 65535  # the grid's second dimension (CUDA's y)
 
 
 class MaskConfig(NamedTuple):
-  """Tile of one program, ``(block_groups, m, block_cols)``, and its warps.
+  """How a program holds its groups (module docstring): ``sub`` elements of a group per thread,
+  ``block_c`` columns per program, and whether the bisection may stop early.
 
-  The defaults (:func:`default_mask_config`) were the fastest tilings measured (BENCHMARKS.md):
-  one warp per program keeps each group's reductions inside a warp, and small tiles (a 128-group
-  and 4 columns for 16:128) let the bisection stop as soon as the few groups of the tile are
-  resolved (16:128, float32, H200: 1.3x-1.5x of a multiply with 512 elements per program,
-  1.7x-2.3x with 2048).
+  A program runs ``chunks * block_c`` threads (``chunks = m // sub``, at most 1024), one element
+  of each of its ``sub`` arrays per thread. :func:`default_mask_config` gives the tilings
+  measured fastest.
 
   Attributes:
-    block_c: columns (elements after the contraction axis) per program, at most.
-    tile: elements per program (``block_groups = tile // (m * block_c)``, at least 1).
-    num_warps: warps per program.
+    sub: elements of a group per thread (a power of two; ``min(sub, m)`` is used).
+    block_c: columns per program (a power of two; the largest power of two dividing the
+      columns, if smaller).
+    early_stop: end the bisection once every group of the program is resolved.
   """
 
+  sub: int = 32
   block_c: int = 32
-  tile: int = 512
-  num_warps: int = 1
+  early_stop: bool = False
 
 
-def default_mask_config(m: int) -> MaskConfig:
-  """One warp, ``max(256, 4*m)`` elements per program: 4 columns of a group of ``m >= 64``, 8 of
-  a group of 32. On an H100 (BENCHMARKS.md), 256-element tiles against 512 took 1.25x-1.88x vs
-  1.49x-1.98x of a multiply for 4:32 and 1.09x-1.58x vs 1.22x-1.70x for 8:64 (a tie on some
-  shapes), while 16:128 needs its 4 columns (512: 1.22x-1.91x, 256: 1.42x-2.60x).
+def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> MaskConfig:
+  """The layout measured fastest for groups of ``m`` in ``dtype`` (H100, BENCHMARKS.md).
+
+  * float32 (31-bit keys), with ``early_stop``: whole groups per thread up to ``m = 32``
+    (32 columns per program); 16 elements per thread in 4 chunks x 8 columns for ``m = 64``;
+    32 per thread, chunks x 8 columns from ``m = 128`` on;
+  * 16-bit floats (15-bit keys), all bits: ``m <= 8`` whole groups, 64 columns (two per
+    thread); ``m = 16`` whole groups, 32 columns; ``m = 32`` two chunks of 16 x 16 columns;
+    ``m = 64`` four chunks of 16 x 8 columns; from ``m = 128`` on, chunks of 32 x 32 columns
+    (one warp per chunk).
+
+  GPU time against one multiply of the same arrays (768x2048 / 4096x1024): float32 4:32 1.27x /
+  0.96x, 8:64 1.35x / 1.08x, 16:128 1.56x / 1.29x; bfloat16 1.52x / 1.37x, 1.70x / 1.55x, 1.73x /
+  1.96x; the previous layout took 2.1x-2.4x, 1.6x-1.8x, 1.8x-1.9x and 3.9x-4.0x, 2.9x-3.1x,
+  3.2x-3.3x.
+
+  >>> default_mask_config(32, jnp.bfloat16)
+  MaskConfig(sub=16, block_c=16, early_stop=False)
   """
-  return MaskConfig(block_c=32, tile=max(256, 4 * m), num_warps=1)
+  if jnp.dtype(dtype).itemsize == 4:
+    sub, block_c = (m, 32) if m <= 32 else (16, 8) if m == 64 else (32, 8)
+    return MaskConfig(sub, block_c, early_stop=True)
+  if m <= 16:
+    return MaskConfig(m, 64 if m <= 8 else 32)
+  sub, block_c = {32: (16, 16), 64: (16, 8)}.get(m, (32, 32))
+  return MaskConfig(sub, block_c)
 
 
 def mask_kernel_applies(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
-  """Whether :func:`nm_mask_pallas` handles this case: a 16- or 32-bit float and ``m`` a power
-  of two (Triton tiles have power-of-two sizes), at most ``_TILE``."""
-  del n, axes
-  return (
+  """Whether :func:`nm_mask_pallas` handles this case with its default layout: a 16- or 32-bit
+  float, ``m`` a power of two (Triton tiles have power-of-two sizes) of at most 1024, and at
+  most 65535 column blocks."""
+  del n
+  if not (
     jnp.issubdtype(x.dtype, jnp.floating)
     and x.dtype.itemsize in _KEY
     and m & (m - 1) == 0
-    and m <= _TILE
-  )
+    and m <= _MAX_M
+  ):
+    return False
+  post = math.prod(x.shape[axes[-1] + 1 :])
+  return post // _block_c(default_mask_config(m, x.dtype), post) <= _MAX_COLUMN_BLOCKS
 
 
 def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
@@ -100,53 +134,110 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
   * unset or ``0`` (default): never. The kernel is written for Pallas's Triton backend, which
     JAX 0.11 deprecates (lowering it raises a ``DeprecationWarning``), and a Pallas call is not
     partitioned by XLA's SPMD partitioner (under ``pjit`` it would gather sharded kernels);
-  * ``auto``: where the kernel applies and XLA needs more than two passes over ``x``
-    (``min(n, m-n) > 2`` and ``m > 16``, e.g. SDGF's 16:128), with a single device. The
-    XLA cases of one or two passes (``min(n, m-n) <= 2``, or ``m <= 16``) were measured as
-    fast as the kernel or faster;
+  * ``auto``: with a single device, where the kernel applies and was measured faster than XLA
+    in GPU time (H100, BENCHMARKS.md): wherever XLA needs more than one pass over ``x``
+    (``min(n, m-n) > 1`` and ``m > 16``: 2:32 1.4x-1.6x of a multiply against 2.2x-3.6x, 16:128
+    1.3x-2.0x against 10x-27x), and for the one-pass argmax patterns (``n = 1`` or ``n = m-1``)
+    with ``m >= 8`` in 16-bit floats, or ``8 <= m <= 32`` in float32 (bfloat16 1:32 1.4x-1.5x
+    against 2.1x-2.4x, float32 0.9x-1.2x against 1.2x-1.5x). XLA keeps ``m <= 4``, the
+    all-pairs patterns of ``m <= 16`` (float32 4:8 0.9x) and the float32 argmax patterns of
+    ``m >= 64`` (1:128 1.3x-1.4x, the kernel 1.3x-1.6x);
   * ``1``: wherever it applies.
   """
   setting = os.environ.get(MASK_KERNEL_ENV, "0")
   if setting not in ("auto", "1") or not mask_kernel_applies(x, n, m, axes):
     return False
-  return setting == "1" or (jax.device_count() == 1 and min(n, m - n) > 2 and m > 16)
+  if setting == "1":
+    return True
+  passes = min(n, m - n)
+  argmax = passes == 1 and m >= 8 and (x.dtype.itemsize == 2 or m <= 32)
+  return jax.device_count() == 1 and ((passes > 1 and m > 16) or argmax)
 
 
-def _mask_kernel(x_ref, o_ref, *, n, m, bits, key_dtype, rows, cols, block_r, block_c):
-  r = pl.program_id(0) * block_r + jnp.arange(block_r, dtype=jnp.int32)
-  c = pl.program_id(1) * block_c + jnp.arange(block_c, dtype=jnp.int32)
-  j = jnp.arange(m, dtype=jnp.int32)
-  shape = (block_r, m, block_c)
-  r3 = jnp.broadcast_to(r[:, None, None], shape)
-  j3 = jnp.broadcast_to(j[None, :, None], shape)
-  c3 = jnp.broadcast_to(c[None, None, :], shape)
-  # Clamped loads stay in bounds; the store below is masked.
-  x = x_ref[jnp.minimum(r3, rows - 1), j3, jnp.minimum(c3, cols - 1)]
+def _tree_sum(values):
+  """Pairwise sum of a list of arrays (a shallow dependency chain)."""
+  values = list(values)
+  while len(values) > 1:
+    pairs = [values[i] + values[i + 1] for i in range(0, len(values) - 1, 2)]
+    values = pairs + values[len(pairs) * 2 :]
+  return values[0]
+
+
+def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_stop):
+  chunks = m // sub
+  row = pl.program_id(0)
+  c0 = pl.multiple_of(pl.program_id(1) * block_c, block_c)
+
+  def at(i):  # array i of the group: elements q*sub + i of its chunks q, the program's columns
+    rows = pl.ds(i, chunks, stride=sub) if chunks > 1 else pl.ds(i, 1)
+    return row, rows, pl.ds(c0, block_c)
+
   sign_off = (1 << bits) - 1
-  key = (jax.lax.bitcast_convert_type(x, key_dtype).astype(jnp.int32)) & sign_off
+  keys = [
+    jax.lax.bitcast_convert_type(x_ref[at(i)], key_dtype).astype(jnp.int32) & sign_off
+    for i in range(sub)
+  ]
 
-  def unresolved(state):
-    i, _, count = state
-    return (i < bits) & (jnp.sum((count != n).astype(jnp.int32)) > 0)
+  def count(flags):  # (chunks, block_c) flags per array -> (1, block_c) counts per group
+    total = _tree_sum([f.astype(jnp.int32) for f in flags])
+    return jnp.sum(total, axis=0, keepdims=True) if chunks > 1 else total
 
-  def bisect(state):
-    i, theta, count = state
+  def bisect(i, theta, found):
     cand = theta | jnp.left_shift(jnp.int32(1), bits - 1 - i)
-    count_cand = jnp.sum((key >= cand).astype(jnp.int32), axis=1, keepdims=True)
-    up = count_cand >= n
-    return i + 1, jnp.where(up, cand, theta), jnp.where(up, count_cand, count)
+    found_cand = count([k >= cand for k in keys])
+    up = found_cand >= n
+    return jnp.where(up, cand, theta), jnp.where(up, found_cand, found)
 
-  # Stop once every group of the tile has exactly n keys >= theta: its mask is then key >= theta.
-  groups = (block_r, 1, block_c)
-  state = (jnp.int32(0), jnp.zeros(groups, jnp.int32), jnp.full(groups, m, jnp.int32))
-  _, theta, _ = jax.lax.while_loop(unresolved, bisect, state)
-  above = key > theta
-  need = n - jnp.sum(above.astype(jnp.int32), axis=1, keepdims=True)
-  tie = key == theta
-  rank = jnp.cumsum(tie.astype(jnp.int32), axis=1)
-  keep = above | (tie & (rank <= need))
-  ok = (r3 < rows) & (c3 < cols)
-  plgpu.store(o_ref.at[r3, j3, c3], keep, mask=ok)
+  groups = (1, block_c)
+  state = (jnp.zeros(groups, jnp.int32), jnp.full(groups, m, jnp.int32))
+  if early_stop:  # until every group of the program has exactly n keys >= theta
+
+    def unresolved(s):
+      return (s[0] < bits) & (jnp.sum((s[2] != n).astype(jnp.int32)) > 0)
+
+    _, theta, _ = jax.lax.while_loop(
+      unresolved, lambda s: (s[0] + 1, *bisect(*s)), (jnp.int32(0), *state)
+    )
+  else:
+    theta, _ = jax.lax.fori_loop(0, bits, lambda i, s: bisect(i, *s), state)
+  above = [k > theta for k in keys]
+  need = n - count(above)
+  ties = [(k == theta).astype(jnp.int32) for k in keys]
+  if chunks > 1:  # ties in the group's earlier chunks
+    per_chunk = _tree_sum(ties)
+    rank = jnp.cumsum(per_chunk, axis=0) - per_chunk
+  else:
+    rank = jnp.zeros(groups, jnp.int32)
+  for i in range(sub):
+    rank = rank + ties[i]
+    o_ref[at(i)] = above[i] | ((ties[i] > 0) & (rank <= need))
+
+
+def _block_c(config: MaskConfig, cols: int) -> int:
+  """Columns per program: ``config.block_c`` or the largest power of two dividing ``cols``."""
+  return min(config.block_c, cols & -cols)
+
+
+def _resolve(config: MaskConfig, m: int, cols: int) -> tuple[int, int, int]:
+  """``(sub, block_c, num_warps)`` of ``config`` for groups of ``m`` and ``cols`` columns."""
+  for name in ("sub", "block_c"):
+    value = getattr(config, name)
+    if value < 1 or value & (value - 1):
+      raise ValueError(f"MaskConfig.{name}={value} is not a power of two")
+  sub = min(config.sub, m)
+  block_c = _block_c(config, cols)
+  threads = (m // sub) * block_c
+  if threads > _MAX_THREADS:
+    raise ValueError(
+      f"MaskConfig(sub={config.sub}, block_c={config.block_c}) for m={m}: {m // sub} chunks x "
+      f"{block_c} columns = {threads} threads per program, more than {_MAX_THREADS}"
+    )
+  if cols // block_c > _MAX_COLUMN_BLOCKS:
+    raise ValueError(
+      f"{cols} columns in blocks of {block_c}: {cols // block_c} column blocks, more than "
+      f"{_MAX_COLUMN_BLOCKS}; use a MaskConfig with a larger block_c"
+    )
+  return sub, block_c, max(threads // 32, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axes", "interpret", "config"))
@@ -156,18 +247,17 @@ def _mask(x, *, n, m, axes, interpret, config):
   post = math.prod(x.shape[axes[-1] + 1 :])
   rows = pre * (size // m)
   x3 = x.reshape(rows, m, post)
-  block_c = min(1 << max(post - 1, 0).bit_length(), max(config.tile // m, 1), config.block_c)
-  block_r = max(config.tile // (m * block_c), 1)
+  sub, block_c, num_warps = _resolve(config, m, post)
   key_dtype, bits = _KEY[x.dtype.itemsize]
   kernel = functools.partial(
-    _mask_kernel, n=n, m=m, bits=bits, key_dtype=key_dtype, rows=rows, cols=post,
-    block_r=block_r, block_c=block_c,
+    _mask_kernel, n=n, m=m, sub=sub, bits=bits, key_dtype=key_dtype, block_c=block_c,
+    early_stop=config.early_stop,
   )  # fmt: skip
   out = pl.pallas_call(
     kernel,
     out_shape=jax.ShapeDtypeStruct(x3.shape, jnp.bool_),
-    grid=(pl.cdiv(rows, block_r), pl.cdiv(post, block_c)),
-    compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
+    grid=(rows, post // block_c),
+    compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
     name=f"nm_mask_{n}_{m}",
   )(x3)
@@ -193,7 +283,7 @@ def nm_mask_pallas(
     n, m: the pattern; ``m`` a power of two dividing the axis; static.
     axis: the contraction axis or adjacent axes (flattened row-major); static.
     interpret: Pallas interpret mode; default: when the default backend is not a GPU.
-    config: tile and warps (default :func:`default_mask_config`).
+    config: layout of a program (default :func:`default_mask_config` for ``m`` and the dtype).
 
   Raises:
     ValueError: a bad pattern or axis, an unsupported dtype or ``m``, or ``m`` does not divide
@@ -211,7 +301,7 @@ def nm_mask_pallas(
   axes = contraction_axes(axis, x.ndim)
   if not mask_kernel_applies(x, n, m, axes):
     raise ValueError(
-      f"nm_mask_pallas handles float32/bfloat16/float16 and m a power of two <= {_TILE}; "
+      f"nm_mask_pallas handles float32/bfloat16/float16 and m a power of two <= {_MAX_M}; "
       f"got dtype {x.dtype}, m={m}"
     )
   size = math.prod(x.shape[a] for a in axes)
@@ -222,5 +312,5 @@ def nm_mask_pallas(
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   # The mask is piecewise constant in x: no derivative flows (and none into the kernel).
-  config = config or default_mask_config(m)
+  config = config or default_mask_config(m, x.dtype)
   return _mask(jax.lax.stop_gradient(x), n=n, m=m, axes=axes, interpret=interpret, config=config)
