@@ -108,7 +108,12 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
     ``O < 2048`` or ``density >= 1/2``. The outputs fill the matrix unit's ``M`` dimension,
     except for ``O < 2048`` and ``density < 1/4``: there ``"dot"`` with the tokens in ``M``, 32
     outputs x 128 inputs split up to 8 ways, comes first (H100, W2 at 16 tokens, two sweeps:
-    1:8 6.5 vs 6.7 µs for ``"dot_gather"``, 1:16 5.9 vs 6.3);
+    1:8 6.5 vs 6.7 µs for ``"dot_gather"``, 1:16 5.9 vs 6.3). For ``O >= 2048`` with at most
+    16 tokens and ``density <= 1/4``, an unsplit ``"dot"`` comes first, so that no XLA kernel
+    adds the split's partial sums (~1.4 µs on an H100): 32 outputs x 256 inputs (4 warps) up
+    to density 1/16, else 16 x 256 (2 warps below 1/4; 4 warps and 2 stages at 1/4). H100,
+    W1 at 16 tokens, µs of GPU time against the split default: 1:32 4.2-4.6 vs 4.9
+    (``"gather_t"``), 1:16 4.3-4.5 vs 5.5, 1:8 5.4 vs 5.8, 1:4 6.3 vs 6.7;
   * more tokens: ``"dot"`` with the tokens in ``M`` (``tokens_in_m``), ~128 programs.
     ``O >= 2048``: 64 outputs x 128 tokens x 128 inputs per step below ``density`` 1/4, else
     32 x 256 x 128 (8 warps); ``O < 2048``: 64 x 128 x 128 split 4 ways (8 warps, 4 stages)
@@ -136,6 +141,12 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
       "dot_gather", 16, 256 if wide else 128, block_t, 4, 3, split(16, block_t, 512, 8)
     )
     dense_ish = density is not None and density >= 0.5
+    if wide and tokens <= 16 and density is not None and density <= 1 / 4:
+      if density <= 1 / 16:
+        unsplit = SpmmConfig("dot", 32, 256, block_t, 4, 3)
+      else:
+        unsplit = SpmmConfig("dot", 16, 256, block_t, *((2, 3) if density < 1 / 4 else (4, 2)))
+      return unsplit, dot, gathered
     if wide or density is None or density >= 1 / 4:
       return (dot, gathered) if wide and not dense_ish else (gathered, dot)
     tokens_first = SpmmConfig("dot", 32, 128, block_t, 4, 3, split(32, block_t, 512, 8), True)
@@ -185,9 +196,10 @@ def candidate_configs(
   known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
 
   * up to 8 tokens: ``"gather"`` with about 256 (or 128) programs, ~2K gathered elements a step;
-  * more, when ``tokens * density < 1``, or ``density <= 1/64`` with at most 32 tokens (few
-    products per output): ``"gather_t"`` first (:func:`_gather_t_configs`), then the
-    tensor-core candidates;
+  * more, when ``density <= 1/64`` with at most 32 tokens, or ``tokens * density < 1`` (few
+    products per output) except for ``O >= 2048`` with at most 16 tokens (there the unsplit
+    ``"dot"`` of :func:`_dot_configs` led at 1:32): ``"gather_t"`` first
+    (:func:`_gather_t_configs`), then the tensor-core candidates;
   * otherwise: the tensor-core candidates (:func:`_dot_configs`; and ``"gather"`` up to 32
     tokens), then ``"gather_t"``.
 
@@ -208,7 +220,10 @@ def candidate_configs(
   if tokens <= 32:
     dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
   gather_t = _gather_t_configs(tokens, out_features)
-  if density is not None and (tokens * density < 1 or (density <= 1 / 64 and tokens <= 32)):
+  if density is not None and (
+    (density <= 1 / 64 and tokens <= 32)
+    or (tokens * density < 1 and not (out_features >= 2048 and tokens <= 16))
+  ):
     return (*gather_t, *dots)
   return (*dots, *gather_t)
 
