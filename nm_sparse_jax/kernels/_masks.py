@@ -136,10 +136,10 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     partitioned by XLA's SPMD partitioner (under ``pjit`` it would gather sharded kernels);
   * ``auto``: with a single device, where the kernel applies and was measured faster than XLA
     in GPU time (H100, BENCHMARKS.md): wherever XLA needs more than one pass over ``x``
-    (``min(n, m-n) > 1`` and ``m > 16``: 2:32 1.4x-1.6x of a multiply against 2.2x-3.6x, 16:128
-    1.3x-2.0x against 10x-27x), and for the one-pass argmax patterns (``n = 1`` or ``n = m-1``)
+    (``min(n, m-n) > 1`` and ``m > 16``: 2:32 0.9x-1.5x of a multiply against 2.2x-3.6x, 16:128
+    1.3x-2.0x against 10x-28x), and for the one-pass argmax patterns (``n = 1`` or ``n = m-1``)
     with ``m >= 8`` in 16-bit floats, or ``8 <= m <= 32`` in float32 (bfloat16 1:32 1.4x-1.5x
-    against 2.1x-2.4x, float32 0.9x-1.2x against 1.2x-1.5x). XLA keeps ``m <= 4``, the
+    against 2.1x-2.3x; float32 1:8 to 1:32 0.8x-1.2x against 1.1x-1.5x). XLA keeps ``m <= 4``, the
     all-pairs patterns of ``m <= 16`` (float32 4:8 0.9x) and the float32 argmax patterns of
     ``m >= 64`` (1:128 1.3x-1.4x, the kernel 1.3x-1.6x);
   * ``1``: wherever it applies.
