@@ -164,6 +164,8 @@ MASKS = [
   ((7, 32), 1, 1, 8, jnp.bfloat16),
   ((5, 64, 4), 1, 5, 16, jnp.float16),
   ((128, 8), 0, 127, 128, jnp.float32),
+  ((512, 4), 0, 16, 256, jnp.float32),  # 8 chunks of 32
+  ((1024, 2), 0, 3, 1024, jnp.bfloat16),  # 32 chunks of 32, the largest group
 ]
 
 
