@@ -3,9 +3,11 @@
 import json
 
 import jax
+import pytest
 
 from nm_sparse_jax.bench import masks as bench_masks
 from nm_sparse_jax.bench import step as bench_step
+from nm_sparse_jax.bench._profile import _per_candidate
 
 
 def test_mask_benchmark_checks_every_pattern(tmp_path, capsys):
@@ -40,3 +42,20 @@ def test_step_benchmark_runs_every_variant(tmp_path):
   assert [r["variant"] for r in records] == [v[0] for v in bench_step.variants()]
   assert records[0]["time_ratio"] == 1.0
   assert all(r["memory_bytes"] and r["step_ms"] > 0 for r in records)
+
+
+def test_profile_clusters_split_at_gaps_and_group_by_kernel():
+  # Two candidates, 2 calls each, separated by an idle gap (microseconds, as in a trace).
+  ev = [
+    dict(name="gemm", ts=0.0, dur=5.0),
+    dict(name="reduce", ts=6.0, dur=1.0),
+    dict(name="gemm", ts=8.0, dur=5.0),
+    dict(name="reduce", ts=14.0, dur=1.0),
+    dict(name="nm_matmul", ts=10_000.0, dur=4.0),
+    dict(name="nm_matmul", ts=10_005.0, dur=4.0),
+  ]
+  times = _per_candidate(ev, 2, calls=2, gap_s=0.005)
+  assert times[0] == pytest.approx({"gemm": 5e-6, "reduce": 1e-6})
+  assert times[1] == pytest.approx({"nm_matmul": 4e-6})
+  assert _per_candidate(ev, 3, calls=2, gap_s=0.005) is None  # clusters != candidates
+  assert _per_candidate([], 1, calls=1, gap_s=0.005) is None

@@ -134,6 +134,10 @@ def _check_bench(result, out, printed):
   }  # fmt: skip
   assert all(r["ok"] and r["us"] > 0 for r in records)
   assert all(r["candidates"] for r in records if r["path"] == "nm")
+  for r in records:  # on a GPU: each kernel's share of the product's GPU time
+    assert (r["gpu_kernels_us"] is not None) == ON_GPU
+    if ON_GPU:
+      assert sum(r["gpu_kernels_us"].values()) == pytest.approx(r["gpu_us"])
   assert [(r["path"], r["pattern"]) for r in result["e2e"]] == [
     ("dense", "dense"), ("bcsr", "1:4"), ("nm", "1:4")
   ]  # fmt: skip

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 
 import jax
 
-__all__ = ["gpu_kernel_seconds"]
+__all__ = ["gpu_kernel_seconds", "gpu_kernel_times"]
 
 
 def _stream_events(trace: dict) -> list[dict]:
@@ -46,10 +46,35 @@ def _stream_events(trace: dict) -> list[dict]:
   ]
 
 
-def gpu_kernel_seconds(
+def _per_candidate(events: list[dict], n: int, calls: int, gap_s: float) -> list[dict] | None:
+  """Split time-sorted stream ``events`` at idle gaps longer than ``gap_s / 2`` into ``n``
+  clusters; per cluster, seconds per call of each kernel name. None if the clusters do not
+  match the candidates one to one."""
+  if not events:
+    return None
+  clusters, end = [[events[0]]], events[0]["ts"] + events[0]["dur"]
+  for e in events[1:]:
+    if e["ts"] - end > gap_s * 1e6 / 2:
+      clusters.append([])
+    clusters[-1].append(e)
+    end = max(end, e["ts"] + e["dur"])
+  if len(clusters) != n:
+    return None
+  times = []
+  for cluster in clusters:
+    per_name = {}
+    for e in cluster:
+      name = str(e.get("name", "?"))
+      per_name[name] = per_name.get(name, 0.0) + e["dur"] * 1e-6 / calls
+    times.append(per_name)
+  return times
+
+
+def gpu_kernel_times(
   fns: Sequence[Callable[[], object]], *, calls: int = 10, gap_s: float = 0.005
-) -> list[float] | None:
-  """Seconds of GPU stream activity per call of each ``fn``, or None if the trace has none.
+) -> list[dict] | None:
+  """Seconds of GPU stream activity per call of each ``fn``, by kernel name (XLA fusions,
+  Pallas kernels, memsets, copies), or None if the trace has none.
 
   Each ``fn`` is warmed up, then called ``calls`` times (synchronised at the end) inside one
   profiler trace, with ``gap_s`` of idle time between candidates. The stream events are split at
@@ -73,14 +98,13 @@ def gpu_kernel_seconds(
     with gzip.open(paths[0]) as f:
       trace = json.load(f)
   events = sorted(_stream_events(trace), key=lambda e: e["ts"])
-  if not events:
-    return None
-  clusters, end = [[events[0]]], events[0]["ts"] + events[0]["dur"]
-  for e in events[1:]:
-    if e["ts"] - end > gap_s * 1e6 / 2:
-      clusters.append([])
-    clusters[-1].append(e)
-    end = max(end, e["ts"] + e["dur"])
-  if len(clusters) != len(fns):
-    return None
-  return [sum(e["dur"] for e in c) * 1e-6 / calls for c in clusters]
+  return _per_candidate(events, len(fns), calls, gap_s)
+
+
+def gpu_kernel_seconds(
+  fns: Sequence[Callable[[], object]], *, calls: int = 10, gap_s: float = 0.005
+) -> list[float] | None:
+  """Total seconds of GPU stream activity per call of each ``fn`` (:func:`gpu_kernel_times`
+  summed over the kernels), or None."""
+  times = gpu_kernel_times(fns, calls=calls, gap_s=gap_s)
+  return None if times is None else [sum(t.values()) for t in times]

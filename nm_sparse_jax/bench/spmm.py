@@ -52,7 +52,7 @@ import numpy as np
 from nm_sparse_jax import finalize, recipes
 from nm_sparse_jax import policy as policy_lib
 from nm_sparse_jax._masks import nm_mask, parse_nm
-from nm_sparse_jax.bench._profile import gpu_kernel_seconds
+from nm_sparse_jax.bench._profile import gpu_kernel_seconds, gpu_kernel_times
 from nm_sparse_jax.bench._timing import device_description, interleaved_medians
 from nm_sparse_jax.export import bcsr_from_compressed, compress, export
 from nm_sparse_jax.kernels import SpmmConfig, candidate_configs, nm_matmul
@@ -213,10 +213,16 @@ def run_case(
     del ws_dense, ws
   runs = [run for _, run in candidates]
   wall = interleaved_medians(runs, reps=reps)
-  gpu = gpu_kernel_seconds(runs, calls=5)
+  kernels = gpu_kernel_times(runs, calls=5)
+  gpu = [sum(t.values()) for t in kernels] if kernels else None
   for i, (record, _) in enumerate(candidates):
     record["wall_us"] = wall[i] / copies * 1e6
     record["gpu_us"] = gpu[i] / copies * 1e6 if gpu else None
+    # Where the GPU time goes: each kernel's share per product (e.g. an XLA reduction of split-K
+    # partial sums, or the transpose of x before "gather_t").
+    record["gpu_kernels_us"] = (
+      {name: s / copies * 1e6 for name, s in kernels[i].items()} if kernels else None
+    )
     record["timer"] = "gpu" if gpu else "wall"
     record["us"] = record["gpu_us"] if gpu else record["wall_us"]
     nm = None if record["path"] == "dense" else parse_nm(record["pattern"])
@@ -246,7 +252,7 @@ def _best_nm(records) -> list[dict]:
       out.append(r)
   for group in nm_groups.values():
     best = min(group, key=lambda r: (not r["ok"], r["us"]))
-    keys = ("config", "us", "wall_us", "gpu_us", "relerr")
+    keys = ("config", "us", "wall_us", "gpu_us", "gpu_kernels_us", "relerr")
     best = dict(best, candidates=[{key: r[key] for key in keys} for r in group])
     out.append(best)
   return out
