@@ -200,6 +200,14 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
     np.testing.assert_array_equal(np.asarray(got), nm_reference(mixed, n, m, 0))
 
 
+def test_mask_kernel_under_vmap_and_jit():
+  x = _tied(jax.random.key(5), (3, 64, 8), jnp.bfloat16)  # a batch of 3 (64, 8) kernels
+  for n, m in ((3, 32), (16, 64)):
+    got = jax.jit(jax.vmap(lambda v, n=n, m=m: nm_mask_pallas(v, n, m, interpret=True)))(x)
+    want = jax.vmap(lambda v, n=n, m=m: nm_mask(v, n, m, axis=0))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_mask_kernel_has_no_gradient():
   grad = jax.grad(lambda w: jnp.sum(jnp.where(nm_mask_pallas(w, 1, 4, interpret=True), w, 0.0)))
   np.testing.assert_array_equal(
