@@ -13,7 +13,8 @@ for bfloat16 values) and accumulating in float32:
 * ``"gather_t"`` (tens to hundreds of tokens, very sparse): the same gather-FMA on ``x^T``
   (``(K, T)``, transposed and padded by XLA), ``block_t`` tokens per program, so that the tokens
   of one gathered input are one contiguous vector load; ``T*O*C`` FMAs, optionally split along
-  ``C``. It wins where each output has few kept weights (1:32, 1:128 at 16 tokens; 1:128 at 197).
+  ``C``. It wins where each output has few kept weights (1:128, and 1:32 on narrow outputs, at 16
+  tokens).
 * ``"dot"`` (16 tokens and more): each program owns ``block_out`` outputs and ``block_t``
   tokens; it expands a ``(block_out, block_k)`` tile of ``W^T`` from (values, index) in
   registers -- ``Wt[o, g*m + j] = sum_s values[o, g*n+s] * (index[o, g*n+s] == j)``, as a
@@ -112,8 +113,8 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
     16 tokens and ``density <= 1/4``, an unsplit ``"dot"`` comes first, so that no XLA kernel
     adds the split's partial sums (~1.4 µs on an H100): 32 outputs x 256 inputs (4 warps) up
     to density 1/16, else 16 x 256 (2 warps below 1/4; 4 warps and 2 stages at 1/4). H100,
-    W1 at 16 tokens, µs of GPU time against the split default: 1:32 4.2-4.6 vs 4.9
-    (``"gather_t"``), 1:16 4.3-4.5 vs 5.5, 1:8 5.4 vs 5.8, 1:4 6.3 vs 6.7;
+    W1 at 16 tokens, µs of GPU time against the previous default: 1:32 4.5-4.6 vs 4.8-4.9
+    (``"gather_t"``), 1:16 4.4-4.5 vs 5.4-5.5, 1:8 5.4 vs 5.8, 1:4 6.2-6.3 vs 6.7;
   * more tokens: ``"dot"`` with the tokens in ``M`` (``tokens_in_m``), ~128 programs.
     ``O >= 2048``: 64 outputs x 128 tokens x 128 inputs per step below ``density`` 1/4, else
     32 x 256 x 128 (8 warps); ``O < 2048``: 64 x 128 x 128 split 4 ways (8 warps, 4 stages)
@@ -205,8 +206,9 @@ def candidate_configs(
 
   The choices come from ``bench spmm`` on an H100 and an H200 (BENCHMARKS.md), ViT-L FFN shapes:
   at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
-  ``"dot"`` (W1) or ``"dot_gather"`` (W2) down to 1:16 and ``"gather_t"`` from 1:32 (W1 5.1 vs
-  5.2 µs, W2 5.4 vs 6.0, H200); at 197 tokens ``"dot"`` with the tokens in ``M``, also at 1:128
+  ``"dot"`` (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` / tokens-in-``M`` ``"dot"`` (W2)
+  down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.6 vs 5.9 µs, H100) and at 1:128; at 197
+  tokens ``"dot"`` with the tokens in ``M``, also at 1:128
   (H100: W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
