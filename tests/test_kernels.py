@@ -19,7 +19,7 @@ from nm_sparse_jax.kernels import (
   nm_matmul_reference,
   use_mask_kernel,
 )
-from nm_sparse_jax.kernels._masks import MASK_KERNEL_ENV, MaskConfig
+from nm_sparse_jax.kernels._masks import MASK_KERNEL_ENV, MaskConfig, mask_kernel_applies
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas Triton kernels need a GPU")
@@ -232,6 +232,12 @@ def test_mask_kernel_errors():
   with pytest.raises(ValueError, match="524288 columns in blocks of 4: 131072 column blocks"):
     jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, config=MaskConfig(8, 4), interpret=True), wide)
   assert jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, interpret=True), wide).shape == wide.shape
+  wide16 = jax.ShapeDtypeStruct((64, 65536 * 8), jnp.bfloat16)  # default: blocks of 8 columns
+  with pytest.raises(ValueError, match="524288 columns in blocks of 8: 65536 column blocks"):
+    jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 64, interpret=True), wide16)
+  config = MaskConfig(16, 16)  # a larger block fits the grid
+  out = jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 64, interpret=True, config=config), wide16)
+  assert out.shape == wide16.shape
 
 
 def test_use_mask_kernel_policy(monkeypatch):
@@ -251,6 +257,7 @@ def test_use_mask_kernel_policy(monkeypatch):
   assert not use_mask_kernel(jnp.ones((2048, 4)), 16, 2048, (0,))  # m above 1024
   wide = jax.ShapeDtypeStruct((8, 65536 * 64), jnp.float32)  # 131072 blocks of 32 columns
   assert not use_mask_kernel(wide, 1, 8, (0,)) and use_mask_kernel(wide, 1, 8, (1,))
+  assert mask_kernel_applies(wide, 1, 8, (0,))  # nm_mask_pallas takes it with a larger block
   monkeypatch.setenv(MASK_KERNEL_ENV, "1")
   assert use_mask_kernel(x, 2, 4, (0,))
   monkeypatch.setenv(MASK_KERNEL_ENV, "0")

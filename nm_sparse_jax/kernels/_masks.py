@@ -111,17 +111,19 @@ def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> Ma
 
 
 def mask_kernel_applies(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
-  """Whether :func:`nm_mask_pallas` handles this case with its default layout: a 16- or 32-bit
-  float, ``m`` a power of two (Triton tiles have power-of-two sizes) of at most 1024, and at
-  most 65535 column blocks."""
-  del n
-  if not (
+  """Whether :func:`nm_mask_pallas` handles this case: a 16- or 32-bit float and ``m`` a power
+  of two (Triton tiles have power-of-two sizes), at most 1024."""
+  del n, axes
+  return (
     jnp.issubdtype(x.dtype, jnp.floating)
     and x.dtype.itemsize in _KEY
     and m & (m - 1) == 0
     and m <= _MAX_M
-  ):
-    return False
+  )
+
+
+def _fits_grid(x: jax.Array, m: int, axes: Sequence[int]) -> bool:
+  """Whether the default layout for ``x`` has at most 65535 column blocks (the grid's limit)."""
   post = math.prod(x.shape[axes[-1] + 1 :])
   return post // _block_c(default_mask_config(m, x.dtype), post) <= _MAX_COLUMN_BLOCKS
 
@@ -143,9 +145,13 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     all-pairs patterns of ``m <= 16`` (float32 4:8 0.9x) and the float32 argmax patterns of
     ``m >= 64`` (1:128 1.3x-1.4x, the kernel 1.3x-1.6x);
   * ``1``: wherever it applies.
+
+  Either way XLA keeps arrays whose columns would need more than 65535 programs.
   """
   setting = os.environ.get(MASK_KERNEL_ENV, "0")
   if setting not in ("auto", "1") or not mask_kernel_applies(x, n, m, axes):
+    return False
+  if not _fits_grid(x, m, axes):
     return False
   if setting == "1":
     return True
