@@ -183,7 +183,7 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
   # Defaults: whole float32 groups per thread up to m = 32, chunks for larger groups.
   assert default_mask_config(32) == MaskConfig(32, 32, early_stop=True)
   assert default_mask_config(128) == MaskConfig(32, 8, early_stop=True)
-  assert default_mask_config(32, jnp.bfloat16) == MaskConfig(16, 16)
+  assert default_mask_config(32, jnp.bfloat16) == MaskConfig(16, 64, packed=True)
   assert default_mask_config(128, jnp.float16) == MaskConfig(32, 32)
   configs = (None, MaskConfig(), MaskConfig(4, 8), MaskConfig(8, 64, True), MaskConfig(1, 1))
   for config in configs:  # 20 columns: blocks of 4; 1 to 32 elements of a group per thread
@@ -198,6 +198,31 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
     config = MaskConfig(8, 4, early)  # chunks x 4 columns
     got = nm_mask_pallas(mixed, n, m, axis=0, interpret=True, config=config)
     np.testing.assert_array_equal(np.asarray(got), nm_reference(mixed, n, m, 0))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_mask_kernel_packed_columns(dtype, nm_reference):
+  # Two columns per 32-bit word: both halves' groups, ties, infinities, signed zeros, and a NaN
+  # (above infinity) must come out as with one column per thread.
+  x = _tied(jax.random.key(8), (128, 24), dtype)
+  x = x.at[0, 0].set(jnp.inf).at[1, 1].set(-jnp.inf).at[2, 2].set(-0.0).at[3, 3].set(jnp.nan)
+  x = x.at[:, 5].set(0.25)  # an all-equal column beside a normal one in the same word
+  configs = (MaskConfig(16, 32, packed=True), MaskConfig(8, 4, packed=True),
+             MaskConfig(32, 2, packed=True), MaskConfig(4, 8, True, packed=True))  # fmt: skip
+  for (n, m), config in itertools.product(((1, 32), (3, 32), (16, 64), (63, 64), (2, 8)), configs):
+    got = nm_mask_pallas(x, n, m, axis=0, interpret=True, config=config)
+    want = jax.jit(lambda v, n=n, m=m: nm_mask(v, n, m, axis=0))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"{n}:{m} {config}")
+  finite = x.at[3, 3].set(1.0)
+  for n, m in ((3, 32), (16, 64)):
+    got = nm_mask_pallas(finite, n, m, axis=0, interpret=True)
+    want = nm_reference(finite.astype(jnp.float32), n, m, 0)
+    np.testing.assert_array_equal(np.asarray(got), want)
+  # An odd number of columns (or one column per program) falls back to one column per thread.
+  odd = _tied(jax.random.key(9), (64, 7), dtype)
+  for config in (MaskConfig(16, 32, packed=True), MaskConfig(16, 1, packed=True)):
+    got = nm_mask_pallas(odd, 5, 32, axis=0, interpret=True, config=config)
+    np.testing.assert_array_equal(np.asarray(got), nm_reference(odd.astype(jnp.float32), 5, 32, 0))
 
 
 def test_mask_kernel_under_vmap_and_jit():
@@ -232,11 +257,12 @@ def test_mask_kernel_errors():
   with pytest.raises(ValueError, match="524288 columns in blocks of 4: 131072 column blocks"):
     jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, config=MaskConfig(8, 4), interpret=True), wide)
   assert jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, interpret=True), wide).shape == wide.shape
-  wide16 = jax.ShapeDtypeStruct((64, 65536 * 8), jnp.bfloat16)  # default: blocks of 8 columns
+  wide16 = jax.ShapeDtypeStruct((64, 65536 * 8), jnp.bfloat16)
+  small = MaskConfig(16, 8, packed=True)  # blocks of 8 columns (4 words)
   with pytest.raises(ValueError, match="524288 columns in blocks of 8: 65536 column blocks"):
-    jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 64, interpret=True), wide16)
-  config = MaskConfig(16, 16)  # a larger block fits the grid
-  out = jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 64, interpret=True, config=config), wide16)
+    jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 64, interpret=True, config=small), wide16)
+  # The default, 64 columns per block, fits the grid.
+  out = jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 64, interpret=True), wide16)
   assert out.shape == wide16.shape
 
 
@@ -245,14 +271,12 @@ def test_use_mask_kernel_policy(monkeypatch):
   monkeypatch.delenv(MASK_KERNEL_ENV, raising=False)
   assert not use_mask_kernel(x, 16, 128, (0,))  # opt-in
   monkeypatch.setenv(MASK_KERNEL_ENV, "auto")
-  assert use_mask_kernel(x, 16, 128, (0,)) and use_mask_kernel(x, 8, 64, (0,))
-  assert use_mask_kernel(x, 2, 32, (0,)) and use_mask_kernel(x16, 2, 32, (0,))  # XLA: 2 passes
-  assert not use_mask_kernel(x, 1, 128, (0,)) and use_mask_kernel(x16, 1, 128, (0,))  # argmax
-  assert use_mask_kernel(x, 31, 32, (0,)) and use_mask_kernel(x16, 1, 256, (0,))
-  assert not use_mask_kernel(x, 63, 64, (0,))
-  assert use_mask_kernel(x, 1, 16, (0,)) and use_mask_kernel(x, 7, 8, (0,))
-  assert not use_mask_kernel(x, 2, 4, (0,)) and not use_mask_kernel(x16, 1, 4, (0,))  # m <= 4
-  assert not use_mask_kernel(x, 4, 8, (0,)) and not use_mask_kernel(x16, 3, 16, (0,))  # all-pairs
+  assert use_mask_kernel(x, 16, 128, (0,)) and use_mask_kernel(x16, 8, 64, (0,))
+  assert use_mask_kernel(x, 2, 32, (0,)) and use_mask_kernel(x16, 31, 32, (0,))
+  assert use_mask_kernel(x, 4, 8, (0,)) and use_mask_kernel(x16, 3, 16, (0,))  # n > 1, m >= 8
+  assert use_mask_kernel(x, 1, 4, (0,)) and use_mask_kernel(x16, 1, 128, (0,))  # n = 1, m >= 4
+  assert not use_mask_kernel(x, 2, 4, (0,)) and not use_mask_kernel(x16, 3, 4, (0,))  # XLA
+  assert not use_mask_kernel(x, 1, 2, (0,))
   assert not use_mask_kernel(jnp.ones((96, 4)), 16, 96, (0,))  # m not a power of two
   assert not use_mask_kernel(jnp.ones((2048, 4)), 16, 2048, (0,))  # m above 1024
   wide = jax.ShapeDtypeStruct((8, 65536 * 64), jnp.float32)  # 131072 blocks of 32 columns
@@ -309,3 +333,21 @@ def test_mask_kernel_on_gpu_matches_xla(n, m, dtype, monkeypatch):
   np.testing.assert_array_equal(
     np.asarray(jax.jit(lambda v: nm_mask(v, n, m, axis=0))(x)), np.asarray(xla)
   )
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape, n, m", [((512, 96), 16, 256), ((1024, 40), 3, 1024)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mask_kernel_on_gpu_large_groups(shape, n, m, dtype, nm_reference):
+  x = _tied(jax.random.key(6), shape, dtype)  # 8 and 32 chunks of 32 per group
+  got = jax.jit(lambda v: nm_mask_pallas(v, n, m))(x)
+  np.testing.assert_array_equal(np.asarray(got), nm_reference(x.astype(jnp.float32), n, m, 0))
+
+
+@needs_gpu
+def test_mask_kernel_on_gpu_under_vmap():
+  x = _tied(jax.random.key(7), (3, 256, 64), jnp.bfloat16)
+  for n, m in ((3, 32), (16, 128), (1, 8)):
+    got = jax.jit(jax.vmap(lambda v, n=n, m=m: nm_mask_pallas(v, n, m)))(x)
+    want = jax.vmap(lambda v, n=n, m=m: nm_mask(v, n, m, axis=0))(x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

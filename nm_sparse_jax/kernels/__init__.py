@@ -4,7 +4,8 @@
   (:class:`~nm_sparse_jax.export.NMCompressed`): gather-FMA kernels for few tokens or few kept
   weights per output and two expand-then-tensor-core kernels for the rest;
 * :func:`nm_mask_pallas` -- the N:M magnitude mask (:func:`~nm_sparse_jax.nm_mask`'s exact
-  semantics) in one pass over the weight, by bisection on the magnitudes' bit patterns;
+  semantics) in one pass over the weight: the largest magnitude for ``N = 1``, else an
+  interval bisection on the magnitudes' bit patterns;
   :func:`~nm_sparse_jax.nm_mask` uses it on a GPU where :func:`use_mask_kernel` says so.
 
 JAX 0.11 deprecates Pallas's Triton backend (a ``DeprecationWarning`` when a kernel is lowered);

@@ -14,20 +14,26 @@ spread each group over the lanes of a warp and spent most instructions on shuffl
 26.6M instructions for a bfloat16 4:32 mask of 1024x4096, against 8.5M with whole groups per
 thread; BENCHMARKS.md).
 
+With ``MaskConfig.packed`` (16-bit floats), a thread holds two adjacent columns in each 32-bit
+word and counts both groups' keys at once: per 16-bit lane, ``0x8000 + key - mid`` has bit 15
+set exactly where ``key >= mid`` and never borrows from the other lane.
+
 For each group:
 
-1. a threshold ``theta`` with ``#(key >= theta) >= n``, by bisection on the bits of the ``n``-th
-   largest key, high to low (one comparison and one count over the group per bit). With
-   ``early_stop`` the bisection ends once every group of the program has exactly ``n`` keys
-   ``>= theta`` (then those are its ``n`` largest); otherwise, after all bits, ``theta`` is the
-   ``n``-th largest key;
+1. ``theta``, the ``n``-th largest key: for ``n = 1`` the largest key; otherwise by interval
+   bisection, starting from ``[min key, max key]`` of the group and halving the interval with
+   one comparison and one count over the group per step, ``bit_length(max - min)`` steps (the
+   program's widest group: 11-13 for normally distributed bfloat16 weights instead of the 15
+   bits of a key, 27-29 of 31 in float32). With
+   ``early_stop`` a group with exactly ``n`` keys ``>= mid`` is resolved at ``mid``, and the loop
+   ends once every group of the program is;
 2. ``need = n - #(key > theta)`` ties are still to keep: the ``need`` lowest-index elements with
    ``key == theta``, ranked by the ties in earlier chunks (an exclusive prefix sum over the
    chunks) plus the ties before them in their own chunk.
 
-``keep = key > theta  or  (key == theta  and  rank <= need)``. The cost is at most ``bits + 1``
-counts per element, the same for every ``n`` (16:128 as cheap as 1:128); memory traffic is the
-read of ``x`` plus one byte per element.
+``keep = key > theta  or  (key == theta  and  rank <= need)``. The cost is at most ``bits + 2``
+counts per element, the same for every ``n > 1`` (16:128 as cheap as 2:128); memory traffic is
+the read of ``x`` plus one byte per element.
 """
 
 from __future__ import annotations
@@ -75,11 +81,15 @@ class MaskConfig(NamedTuple):
     block_c: columns per program (a power of two; the largest power of two dividing the
       columns, if smaller).
     early_stop: end the bisection once every group of the program is resolved.
+    packed: for 16-bit floats, hold two adjacent columns in one 32-bit word and count both
+      groups' keys with one subtraction (``block_c`` columns are ``block_c / 2`` words, one per
+      thread); ignored for float32.
   """
 
   sub: int = 32
   block_c: int = 32
   early_stop: bool = False
+  packed: bool = False
 
 
 def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> MaskConfig:
@@ -88,26 +98,27 @@ def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> Ma
   * float32 (31-bit keys), with ``early_stop``: whole groups per thread up to ``m = 32``
     (32 columns per program); 16 elements per thread in 4 chunks x 8 columns for ``m = 64``;
     32 per thread, chunks x 8 columns from ``m = 128`` on;
-  * 16-bit floats (15-bit keys), all bits: ``m <= 8`` whole groups, 64 columns (two per
-    thread); ``m = 16`` whole groups, 32 columns; ``m = 32`` two chunks of 16 x 16 columns;
-    ``m = 64`` four chunks of 16 x 8 columns; from ``m = 128`` on, chunks of 32 x 32 columns
-    (one warp per chunk).
+  * 16-bit floats (15-bit keys), no early stop: ``m <= 8`` whole groups, 64 columns (two per
+    thread); ``m = 16`` whole groups, 32 columns; ``m = 32`` and ``m = 64`` two columns per word
+    (``packed``), chunks of 16, 64 columns (32 words); from ``m = 128`` on, chunks of 32 x 32
+    columns (one warp per chunk).
 
-  GPU time against one multiply of the same arrays (768x2048 / 4096x1024): float32 4:32 1.27x /
-  0.96x, 8:64 1.35x / 1.08x, 16:128 1.56x / 1.29x; bfloat16 1.52x / 1.37x, 1.70x / 1.55x, 1.73x /
-  1.96x; the previous layout took 2.1x-2.4x, 1.6x-1.8x, 1.8x-1.9x and 3.9x-4.0x, 2.9x-3.1x,
-  3.2x-3.3x.
+  GPU time against one multiply of the same arrays (768x2048 / 4096x1024): float32 4:32 1.16x /
+  0.84x, 8:64 1.24x / 1.01x, 16:128 1.47x / 1.19x; bfloat16 1.32x / 1.35x, 1.41x / 1.44x, 1.62x /
+  1.78x. Packed words against one column per thread (bfloat16, 768x2048, side by side): 4:32
+  1.35x vs 1.49x, 8:64 1.40x vs 1.66x; at ``m = 128`` they measured no faster (1.64x both).
 
   >>> default_mask_config(32, jnp.bfloat16)
-  MaskConfig(sub=16, block_c=16, early_stop=False)
+  MaskConfig(sub=16, block_c=64, early_stop=False, packed=True)
   """
   if jnp.dtype(dtype).itemsize == 4:
     sub, block_c = (m, 32) if m <= 32 else (16, 8) if m == 64 else (32, 8)
     return MaskConfig(sub, block_c, early_stop=True)
   if m <= 16:
     return MaskConfig(m, 64 if m <= 8 else 32)
-  sub, block_c = {32: (16, 16), 64: (16, 8)}.get(m, (32, 32))
-  return MaskConfig(sub, block_c)
+  if m <= 64:
+    return MaskConfig(16, 64, packed=True)
+  return MaskConfig(32, 32)
 
 
 def mask_kernel_applies(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
@@ -137,13 +148,12 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     JAX 0.11 deprecates (lowering it raises a ``DeprecationWarning``), and a Pallas call is not
     partitioned by XLA's SPMD partitioner (under ``pjit`` it would gather sharded kernels);
   * ``auto``: with a single device, where the kernel applies and was measured faster than XLA
-    in GPU time (H100, BENCHMARKS.md): wherever XLA needs more than one pass over ``x``
-    (``min(n, m-n) > 1`` and ``m > 16``: 2:32 0.9x-1.5x of a multiply against 2.2x-3.6x, 16:128
-    1.3x-2.0x against 10x-28x), and for the one-pass argmax patterns (``n = 1`` or ``n = m-1``)
-    with ``m >= 8`` in 16-bit floats, or ``8 <= m <= 32`` in float32 (bfloat16 1:32 1.4x-1.5x
-    against 2.1x-2.3x; float32 1:8 to 1:32 0.8x-1.2x against 1.1x-1.5x). XLA keeps ``m <= 4``, the
-    all-pairs patterns of ``m <= 16`` (float32 4:8 0.9x) and the float32 argmax patterns of
-    ``m >= 64`` (1:128 1.3x-1.4x, the kernel 1.3x-1.6x);
+    in GPU time (H100, T5 1.1 base and ViT-L FF kernels, BENCHMARKS.md): for ``n = 1`` from
+    ``m = 4`` on (the largest key, no bisection: 1:4 1.05x-1.15x of a multiply against
+    1.17x-1.57x, 1:16 0.5x-0.8x against 1.2x-1.8x, 1:128 0.9x-1.0x against 1.25x-2.3x) and for
+    ``n > 1`` from ``m = 8`` on (4:8 0.7x-1.2x against 0.9x-1.4x, a tie on 2048x768; 2:32
+    0.8x-1.4x against 2.2x-3.6x; 16:128 1.2x-1.8x against 10x-28x). XLA keeps ``m <= 2`` and
+    ``n > 1`` with ``m = 4`` (2:4: XLA 0.6x-0.9x, the kernel 1.2x-1.3x);
   * ``1``: wherever it applies.
 
   Either way XLA keeps arrays whose columns would need more than 65535 programs.
@@ -155,68 +165,137 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     return False
   if setting == "1":
     return True
-  passes = min(n, m - n)
-  argmax = passes == 1 and m >= 8 and (x.dtype.itemsize == 2 or m <= 32)
-  return jax.device_count() == 1 and ((passes > 1 and m > 16) or argmax)
+  return jax.device_count() == 1 and m >= (4 if n == 1 else 8)
 
 
-def _tree_sum(values):
-  """Pairwise sum of a list of arrays (a shallow dependency chain)."""
+def _tree(values, op):
+  """``op``-reduction of a list of arrays, pairwise (a shallow dependency chain)."""
   values = list(values)
   while len(values) > 1:
-    pairs = [values[i] + values[i + 1] for i in range(0, len(values) - 1, 2)]
+    pairs = [op(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
     values = pairs + values[len(pairs) * 2 :]
   return values[0]
 
 
-def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_stop):
-  chunks = m // sub
-  row = pl.program_id(0)
-  c0 = pl.multiple_of(pl.program_id(1) * block_c, block_c)
+def _bit_length(v):
+  """Bits of the non-negative int32 ``v`` (0 for 0), from the exponent of ``float32(v)``; may
+  exceed the exact count by one where the conversion rounds up to a power of two."""
+  f = jax.lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)
+  return jnp.where(v > 0, (f >> 23) - 126, 0)
 
-  def at(i):  # array i of the group: elements q*sub + i of its chunks q, the program's columns
-    rows = pl.ds(i, chunks, stride=sub) if chunks > 1 else pl.ds(i, 1)
-    return row, rows, pl.ds(c0, block_c)
 
-  sign_off = (1 << bits) - 1
-  keys = [
-    jax.lax.bitcast_convert_type(x_ref[at(i)], key_dtype).astype(jnp.int32) & sign_off
-    for i in range(sub)
-  ]
+def _group(values, op, reduce, chunks):
+  """Reduces the ``sub`` arrays ``(chunks, block_c)`` of a group to ``(1, block_c)``."""
+  total = _tree(values, op)
+  return reduce(total, axis=0, keepdims=True) if chunks > 1 else total
 
-  def count(flags):  # (chunks, block_c) flags per array -> (1, block_c) counts per group
-    total = _tree_sum([f.astype(jnp.int32) for f in flags])
-    return jnp.sum(total, axis=0, keepdims=True) if chunks > 1 else total
 
-  def bisect(i, theta, found):
-    cand = theta | jnp.left_shift(jnp.int32(1), bits - 1 - i)
-    found_cand = count([k >= cand for k in keys])
-    up = found_cand >= n
-    return jnp.where(up, cand, theta), jnp.where(up, found_cand, found)
+def _nth_largest(lo, hi, count, n, early_stop):
+  """Interval bisection for each group's ``n``-th largest key, known to lie in ``[lo, hi]``.
 
-  groups = (1, block_c)
-  state = (jnp.zeros(groups, jnp.int32), jnp.full(groups, m, jnp.int32))
-  if early_stop:  # until every group of the program has exactly n keys >= theta
+  ``lo``, ``hi``: lists (one per packed lane) of ``(1, block_c)`` int32 bounds; ``count(mid)``
+  returns the number of keys ``>= mid`` per group, in the same form. Each step halves every
+  interval, so ``bit_length(max(hi - lo))`` steps (the program's widest group) leave ``lo``
+  equal to the ``n``-th largest key. With ``early_stop``, a group with exactly ``n`` keys
+  ``>= mid`` is resolved at ``mid`` (those are its ``n`` largest), and the loop ends once every
+  group of the program is.
+  """
+  steps = _bit_length(_tree([jnp.max(top - bottom) for bottom, top in zip(lo, hi)], jnp.maximum))
 
-    def unresolved(s):
-      return (s[0] < bits) & (jnp.sum((s[2] != n).astype(jnp.int32)) > 0)
+  def step(bounds):
+    lo, hi = bounds
+    # lo + ceil((hi - lo) / 2), without overflow
+    mid = [top - ((top - bottom) >> 1) for bottom, top in zip(lo, hi)]
+    found = count(mid)
+    new_lo, new_hi = [], []
+    for f, md, bottom, top in zip(found, mid, lo, hi):
+      up = f >= n
+      new_lo.append(jnp.where(up, md, bottom))
+      top = jnp.where(up, top, md - 1)
+      new_hi.append(jnp.where(f == n, md, top) if early_stop else top)
+    return new_lo, new_hi
 
-    _, theta, _ = jax.lax.while_loop(
-      unresolved, lambda s: (s[0] + 1, *bisect(*s)), (jnp.int32(0), *state)
-    )
-  else:
-    theta, _ = jax.lax.fori_loop(0, bits, lambda i, s: bisect(i, *s), state)
-  above = [k > theta for k in keys]
-  need = n - count(above)
+  if not early_stop:
+    return jax.lax.fori_loop(0, steps, lambda _, b: step(b), (lo, hi))[0]
+
+  def unresolved(state):
+    i, lo, hi = state
+    unequal = [jnp.sum((top != bottom).astype(jnp.int32)) for bottom, top in zip(lo, hi)]
+    open_groups = _tree(unequal, jnp.add)
+    return (i < steps) & (open_groups > 0)
+
+  state = (jnp.int32(0), lo, hi)
+  _, lo, _ = jax.lax.while_loop(unresolved, lambda s: (s[0] + 1, *step(s[1:])), state)
+  return lo
+
+
+def _store_keep(keys, theta, n, chunks, store):
+  """``keep = key > theta  or  (key == theta  and  rank <= need)`` for one lane's ``sub``
+  arrays of keys, written with ``store(i, flags)``."""
+  need = n - _group([(k > theta).astype(jnp.int32) for k in keys], jnp.add, jnp.sum, chunks)
   ties = [(k == theta).astype(jnp.int32) for k in keys]
   if chunks > 1:  # ties in the group's earlier chunks
-    per_chunk = _tree_sum(ties)
+    per_chunk = _tree(ties, jnp.add)
     rank = jnp.cumsum(per_chunk, axis=0) - per_chunk
   else:
-    rank = jnp.zeros(groups, jnp.int32)
-  for i in range(sub):
-    rank = rank + ties[i]
-    o_ref[at(i)] = above[i] | ((ties[i] > 0) & (rank <= need))
+    rank = jnp.zeros(theta.shape, jnp.int32)
+  for i, (k, tie) in enumerate(zip(keys, ties)):
+    rank = rank + tie
+    store(i, (k > theta) | ((tie > 0) & (rank <= need)))
+
+
+def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_stop, packed):
+  chunks = m // sub
+  row = pl.program_id(0)
+  c0 = pl.multiple_of(pl.program_id(1) * block_c, block_c)  # words when packed
+
+  def rows(i):  # array i of the group: elements q*sub + i of its chunks q
+    return pl.ds(i, chunks, stride=sub) if chunks > 1 else pl.ds(i, 1)
+
+  group_max = functools.partial(_group, op=jnp.maximum, reduce=jnp.max, chunks=chunks)
+  group_min = functools.partial(_group, op=jnp.minimum, reduce=jnp.min, chunks=chunks)
+  if packed:  # two 16-bit columns per uint32 word: the even column in the low half
+    words = [x_ref[row, rows(i), pl.ds(c0, block_c)] & jnp.uint32(0x7FFF7FFF) for i in range(sub)]
+    lanes = [
+      [(w & jnp.uint32(0xFFFF)).astype(jnp.int32) for w in words],
+      [(w >> 16).astype(jnp.int32) for w in words],
+    ]
+    # Per 16-bit lane, 0x8000 + key - mid is in [1, 0xFFFF] (no borrow into the other lane) and
+    # has bit 15 set where key >= mid: one subtraction, shift and mask count two keys.
+    biased = [w | jnp.uint32(0x80008000) for w in words]
+
+    def count(mid):
+      both = mid[0].astype(jnp.uint32) | (mid[1].astype(jnp.uint32) << 16)
+      hits = [((b - both) >> 15) & jnp.uint32(0x10001) for b in biased]
+      total = _group(hits, jnp.add, jnp.sum, chunks)
+      return [(total & jnp.uint32(0xFFFF)).astype(jnp.int32), (total >> 16).astype(jnp.int32)]
+
+  else:
+    sign_off = (1 << bits) - 1
+    lanes = [[
+      jax.lax.bitcast_convert_type(x_ref[row, rows(i), pl.ds(c0, block_c)], key_dtype)
+      .astype(jnp.int32) & sign_off
+      for i in range(sub)
+    ]]  # fmt: skip
+
+    def count(mid):
+      return [_group([(k >= mid[0]).astype(jnp.int32) for k in lanes[0]], jnp.add, jnp.sum, chunks)]
+
+  kmax = [group_max(keys) for keys in lanes]
+  if n == 1:  # the largest key; no bisection
+    theta = kmax
+  else:
+    theta = _nth_largest([group_min(keys) for keys in lanes], kmax, count, n, early_stop)
+  for lane, keys in enumerate(lanes):
+    if packed:
+      cols = pl.ds(2 * c0 + lane, block_c, stride=2)
+    else:
+      cols = pl.ds(c0, block_c)
+
+    def store(i, flags, cols=cols):
+      o_ref[row, rows(i), cols] = flags
+
+    _store_keep(keys, theta[lane], n, chunks, store)
 
 
 def _block_c(config: MaskConfig, cols: int) -> int:
@@ -224,8 +303,9 @@ def _block_c(config: MaskConfig, cols: int) -> int:
   return min(config.block_c, cols & -cols)
 
 
-def _resolve(config: MaskConfig, m: int, cols: int) -> tuple[int, int, int]:
-  """``(sub, block_c, num_warps)`` of ``config`` for groups of ``m`` and ``cols`` columns."""
+def _resolve(config: MaskConfig, m: int, cols: int, itemsize: int) -> tuple[int, int, int, bool]:
+  """``(sub, block_c, num_warps, packed)`` of ``config`` for groups of ``m``, ``cols`` columns
+  of ``itemsize``-byte floats (``block_c`` in words of two columns when ``packed``)."""
   for name in ("sub", "block_c"):
     value = getattr(config, name)
     if value < 1 or value & (value - 1):
@@ -243,7 +323,11 @@ def _resolve(config: MaskConfig, m: int, cols: int) -> tuple[int, int, int]:
       f"{cols} columns in blocks of {block_c}: {cols // block_c} column blocks, more than "
       f"{_MAX_COLUMN_BLOCKS}; use a MaskConfig with a larger block_c"
     )
-  return sub, block_c, max(threads // 32, 1)
+  # Two columns per word need 16-bit floats and an even number of columns per program.
+  packed = config.packed and itemsize == 2 and block_c >= 2
+  if packed:
+    block_c, threads = block_c // 2, threads // 2
+  return sub, block_c, max(threads // 32, 1), packed
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axes", "interpret", "config"))
@@ -253,16 +337,18 @@ def _mask(x, *, n, m, axes, interpret, config):
   post = math.prod(x.shape[axes[-1] + 1 :])
   rows = pre * (size // m)
   x3 = x.reshape(rows, m, post)
-  sub, block_c, num_warps = _resolve(config, m, post)
+  sub, block_c, num_warps, packed = _resolve(config, m, post, x.dtype.itemsize)
   key_dtype, bits = _KEY[x.dtype.itemsize]
+  if packed:  # (rows, m, post / 2) words; a bitcast, not a copy
+    x3 = jax.lax.bitcast_convert_type(x3.reshape(rows, m, post // 2, 2), jnp.uint32)
   kernel = functools.partial(
     _mask_kernel, n=n, m=m, sub=sub, bits=bits, key_dtype=key_dtype, block_c=block_c,
-    early_stop=config.early_stop,
+    early_stop=config.early_stop, packed=packed,
   )  # fmt: skip
   out = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct(x3.shape, jnp.bool_),
-    grid=(rows, post // block_c),
+    out_shape=jax.ShapeDtypeStruct((rows, m, post), jnp.bool_),
+    grid=(rows, x3.shape[2] // block_c),
     compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     interpret=interpret,
     name=f"nm_mask_{n}_{m}",
