@@ -90,6 +90,10 @@ def test_nm_matmul_reference_matches_decompressed_product():
 def test_configs():
   assert default_config(1, compress(jnp.ones((16, 4096)), 1, 4)) == candidate_configs(1, 4096)[0]
   assert {c.variant for c in candidate_configs(4, 1024)} == {"gather"}
+  # One token: few outputs per program, long steps (2 x 1024 or 4 x 512 compressed columns).
+  assert candidate_configs(1, 1024)[0] == SpmmConfig("gather", 2, 1024, 1, 4, 2)
+  assert candidate_configs(1, 4096)[0] == SpmmConfig("gather", 4, 512, 1, 4, 2)
+  assert candidate_configs(4, 4096)[0] == SpmmConfig("gather", 16, 32, 4, 4, 2)
   # Above 32 tokens: the tokens in the matrix unit's M dimension, ~128 programs; the tiling by
   # density; the outputs-in-M tiling third.
   assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1, True)

@@ -196,7 +196,9 @@ def candidate_configs(
   """A few configurations worth timing for ``tokens`` rows, ``out_features`` outputs and (where
   known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
 
-  * up to 8 tokens: ``"gather"`` with about 256 (or 128) programs, ~2K gathered elements a step;
+  * up to 8 tokens: ``"gather"`` with ~2K gathered elements a step: at one token 4 outputs per
+    program for ``O >= 2048``, else 2 (512 or 1024 compressed columns a step, whole rows in
+    few steps); from 2 tokens on about 256 (or 128) programs;
   * more, when ``density <= 1/64`` with at most 32 tokens, or ``tokens * density < 1`` (few
     products per output) except for ``O >= 2048`` with at most 16 tokens (there the unsplit
     ``"dot"`` of :func:`_dot_configs` led at 1:32): ``"gather_t"`` first
@@ -205,14 +207,20 @@ def candidate_configs(
     tokens), then ``"gather_t"``.
 
   The choices come from ``bench spmm`` on an H100 and an H200 (BENCHMARKS.md), ViT-L FFN shapes:
-  at one token ``"gather"`` with ~256 programs (up to 1.8x faster than with ~128); at 16 tokens
+  at one token ``"gather"`` with few outputs and long steps (H100, µs of GPU time against 16 or
+  4 outputs by 128 or 512 columns: W1 2:4 5.0 vs 7.6, 1:4 3.7 vs 4.8, 1:8 3.2 vs 3.5; W2 2:4 5.2
+  vs 6.0, 1:4 3.5 vs 3.9, 1:8 2.8 vs 3.3; the chain of dependent loads per program is what
+  costs); at 16 tokens
   ``"dot"`` (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` / tokens-in-``M`` ``"dot"`` (W2)
   down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.6 vs 5.9 µs, H100) and at 1:128; at 197
   tokens ``"dot"`` with the tokens in ``M``, also at 1:128
   (H100: W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
-  few = min(max(out_features // 256, 4), 32)
+  if tokens == 1:
+    few = 4 if out_features >= 2048 else 2
+  else:
+    few = min(max(out_features // 256, 4), 32)
   gather = tuple(
     SpmmConfig("gather", bo, max(2048 // (bo * block_t), 8), block_t, 4, 2) for bo in (few, 2 * few)
   )
