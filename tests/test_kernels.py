@@ -204,6 +204,22 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
     np.testing.assert_array_equal(np.asarray(got), nm_reference(mixed, n, m, 0))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mask_kernel_lower_bound_at_the_threshold(dtype, nm_reference):
+  # The bisection starts from the largest minimum over parts of >= n elements. Put a group's n
+  # largest magnitudes in its first rows (one part), so that this bound is the n-th largest
+  # itself, with a tie at it further down the group; with and without the early stop.
+  base = jax.random.uniform(jax.random.key(10), (64, 6), minval=0.1, maxval=1.0)
+  for n in (2, 4, 8, 16):
+    top = 2.0 + jnp.arange(n, 0, -1, dtype=jnp.float32)[:, None] * jnp.ones((1, 6))
+    x = base.at[:n].set(top).at[n + 3].set(top[n - 1]).at[32 + n + 1].set(-top[n - 1])
+    x = x.astype(dtype)
+    for config in (MaskConfig(32, 2), MaskConfig(32, 2, True), MaskConfig(8, 2, True)):
+      got = nm_mask_pallas(x, n, 32, axis=0, interpret=True, config=config)
+      want = nm_reference(x.astype(jnp.float32), n, 32, 0)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{n}:32 {config}")
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_mask_kernel_packed_columns(dtype, nm_reference):
   # Two columns per 32-bit word: both halves' groups, ties, infinities, signed zeros, and a NaN

@@ -21,10 +21,11 @@ set exactly where ``key >= mid`` and never borrows from the other lane.
 For each group:
 
 1. ``theta``, the ``n``-th largest key: for ``n = 1`` the largest key; otherwise by interval
-   bisection, starting from ``[min key, max key]`` of the group and halving the interval with
-   one comparison and one count over the group per step, ``bit_length(max - min)`` steps (the
-   program's widest group: 11-13 for normally distributed bfloat16 weights instead of the 15
-   bits of a key, 27-29 of 31 in float32). With
+   bisection, starting from ``[lo, max key]`` of the group and halving the interval with one
+   comparison and one count over the group per step, ``bit_length(max - lo)`` steps (the
+   program's widest group). ``lo`` is the largest minimum over parts of at least ``n`` of a
+   thread's elements (at least ``n`` keys are ``>= lo``), or the group's minimum where a thread
+   holds fewer than ``n`` (and, with the early stop, for ``n < 8``). With
    ``early_stop`` a group with exactly ``n`` keys ``>= mid`` is resolved at ``mid``, and the loop
    ends once every group of the program is;
 2. ``need = n - #(key > theta)`` ties are still to keep: the ``need`` lowest-index elements with
@@ -66,6 +67,8 @@ _KEY = {4: (jnp.int32, 31), 2: (jnp.int16, 15)}
 _MAX_M = 1024
 _MAX_THREADS = 1024
 _MAX_COLUMN_BLOCKS = 65535  # the grid's second dimension (CUDA's y)
+# With early_stop, the part-minimum lower bound is used from this n on (see _lower_bound).
+_EARLY_STOP_BOUND_MIN_N = 8
 
 
 class MaskConfig(NamedTuple):
@@ -103,10 +106,11 @@ def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> Ma
     (``packed``), chunks of 16, 64 columns (32 words); from ``m = 128`` on, chunks of 32 x 32
     columns (one warp per chunk).
 
-  GPU time against one multiply of the same arrays (768x2048 / 4096x1024): float32 4:32 1.16x /
-  0.84x, 8:64 1.24x / 1.01x, 16:128 1.47x / 1.19x; bfloat16 1.32x / 1.35x, 1.41x / 1.44x, 1.62x /
-  1.78x. Packed words against one column per thread (bfloat16, 768x2048, side by side): 4:32
-  1.35x vs 1.49x, 8:64 1.40x vs 1.66x; at ``m = 128`` they measured no faster (1.64x both).
+  GPU time against one multiply of the same arrays: float32 (768x2048) 4:32 1.14x, 8:64 1.17x,
+  16:128 1.42x; bfloat16 (768x2048 / 4096x1024) 4:32 1.23x / 1.26x, 8:64 1.33x / 1.38x, 16:128
+  1.56x / 1.71x. Packed words against one column per thread (bfloat16, 768x2048, side by side,
+  before the part-minimum bound of the module docstring): 4:32 1.35x vs 1.49x, 8:64 1.40x vs
+  1.66x; at ``m = 128`` they measured no faster (1.64x both).
 
   >>> default_mask_config(32, jnp.bfloat16)
   MaskConfig(sub=16, block_c=64, early_stop=False, packed=True)
@@ -229,6 +233,24 @@ def _nth_largest(lo, hi, count, n, early_stop):
   return lo
 
 
+def _lower_bound(keys, n, chunks, early_stop):
+  """A key at most each group's ``n``-th largest: the largest of the minima of parts of at least
+  ``n`` elements (every element of such a part is ``>=`` its minimum, so at least ``n`` are); the
+  group's minimum where a thread holds fewer than ``n`` elements. Costs what the group's minimum
+  does (a tree of mins, then of maxes) and narrows the bisection's interval: for 4:32 in bfloat16
+  it starts from the largest of 8 minima of 4.
+
+  With ``early_stop`` and ``n < 8`` the group's minimum: such a bound often lies just below the
+  ``n``-th largest key, so the bisection, which comes down from the top, meets a count of exactly
+  ``n`` only near its last steps (H100, float32 2:32: 1.40x of a multiply against 1.17x; 16:128
+  1.42x against 1.48x with the bound)."""
+  part = 1 << (n - 1).bit_length()  # the smallest power of two >= n
+  if part > len(keys) or (early_stop and n < _EARLY_STOP_BOUND_MIN_N):
+    return _group(keys, jnp.minimum, jnp.min, chunks)
+  minima = [_tree(keys[j : j + part], jnp.minimum) for j in range(0, len(keys), part)]
+  return _group(minima, jnp.maximum, jnp.max, chunks)
+
+
 def _store_keep(keys, theta, n, chunks, store):
   """``keep = key > theta  or  (key == theta  and  rank <= need)`` for one lane's ``sub``
   arrays of keys, written with ``store(i, flags)``."""
@@ -253,7 +275,6 @@ def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_sto
     return pl.ds(i, chunks, stride=sub) if chunks > 1 else pl.ds(i, 1)
 
   group_max = functools.partial(_group, op=jnp.maximum, reduce=jnp.max, chunks=chunks)
-  group_min = functools.partial(_group, op=jnp.minimum, reduce=jnp.min, chunks=chunks)
   if packed:  # two 16-bit columns per uint32 word: the even column in the low half
     words = [x_ref[row, rows(i), pl.ds(c0, block_c)] & jnp.uint32(0x7FFF7FFF) for i in range(sub)]
     lanes = [
@@ -285,7 +306,8 @@ def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_sto
   if n == 1:  # the largest key; no bisection
     theta = kmax
   else:
-    theta = _nth_largest([group_min(keys) for keys in lanes], kmax, count, n, early_stop)
+    lo = [_lower_bound(keys, n, chunks, early_stop) for keys in lanes]
+    theta = _nth_largest(lo, kmax, count, n, early_stop)
   for lane, keys in enumerate(lanes):
     if packed:
       cols = pl.ds(2 * c0 + lane, block_c, stride=2)
