@@ -59,3 +59,15 @@ def test_profile_clusters_split_at_gaps_and_group_by_kernel():
   assert times[1] == pytest.approx({"nm_matmul": 4e-6})
   assert _per_candidate(ev, 3, calls=2, gap_s=0.005) is None  # clusters != candidates
   assert _per_candidate([], 1, calls=1, gap_s=0.005) is None
+
+
+def test_mask_benchmark_saves_each_record_as_it_goes(tmp_path):
+  # A run cut short (here by a bad second pattern) keeps the records measured before it.
+  out = tmp_path / "masks.json"
+  with pytest.raises(ValueError, match="3:2"):
+    bench_masks.main(
+      ["--shapes", "16x8", "--dtypes", "float32", "--patterns", "2:4,3:2", "--copies", "1",
+       "--reps", "1", "--json", str(out)]
+    )  # fmt: skip
+  saved = json.loads(out.read_text())
+  assert [r["pattern"] for r in saved["records"]] == ["2:4"] and saved["records"][0]["correct"]

@@ -147,3 +147,18 @@ def _check_bench(result, out, printed):
   assert "Table 19 form" in printed and "Table 8 form" in printed
   if not ON_GPU:
     assert "no GPU" in printed
+
+
+def test_spmm_benchmark_saves_each_case_as_it_goes(tmp_path):
+  # A run cut short (here by a second shape whose K is not a multiple of m) keeps the first
+  # case's records.
+  out = tmp_path / "spmm.json"
+  with pytest.raises(ValueError):
+    bench_spmm.main(
+      ["--shapes", "64x32,30x32", "--tokens", "1", "--patterns", "2:4", "--paths", "dense,nm",
+       "--copies", "1", "--reps", "1", "--json", str(out)]
+    )  # fmt: skip
+  saved = json.loads(out.read_text())
+  cases = {(r["shape"], r["path"]) for r in saved["records"]}
+  assert cases == {("64x32", "dense"), ("64x32", "nm")}
+  assert all(r["ok"] for r in saved["records"])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -47,8 +47,13 @@ def run(
   *,
   copies: int,
   reps: int,
+  on_record: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
-  """Measures every (shape, dtype, pattern); returns one record per measurement."""
+  """Measures every (shape, dtype, pattern); returns one record per measurement.
+
+  ``on_record(records)``, if given, is called with the records so far after each one (``main``
+  writes the JSON file there, so that a run cut short keeps what it measured).
+  """
   records = []
   for shape in shapes:
     for dtype in dtypes:
@@ -91,6 +96,8 @@ def run(
           f"{'' if correct else '  WRONG'}",
           flush=True,
         )
+        if on_record is not None:
+          on_record(records)
   return records
 
 
@@ -124,23 +131,29 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
   parser.add_argument("--patterns", default=",".join(PATTERNS))
   parser.add_argument("--copies", type=int, default=8)
   parser.add_argument("--reps", type=int, default=20)
-  parser.add_argument("--json", help="write the records to this file")
+  parser.add_argument("--json", help="write the records to this file (after each measurement)")
   args = parser.parse_args(argv)
   shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-  print(f"nm_mask vs x*y on {device_description()}", flush=True)
+  device = device_description()
+  print(f"nm_mask vs x*y on {device}", flush=True)
+
+  def save(records: list[dict]) -> None:
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"device": device, "records": records}, f, indent=1)
+
   records = run(
     shapes,
     args.dtypes.split(","),
     args.patterns.split(","),
     copies=args.copies,
     reps=args.reps,
+    on_record=save,
   )
   print("\nnm_mask time / x*y time, wall clock (same arrays, groups along axis 0):")
   print(table(records))
   if records and all(r["gpu_ratio"] is not None for r in records):
     print("\nnm_mask time / x*y time, GPU kernel time (profiler):")
     print(table(records, gpu=True))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"device": device_description(), "records": records}, f, indent=1)
+  save(records)
   return records

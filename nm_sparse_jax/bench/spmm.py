@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--paths", default=",".join(PATHS if gpu else ("dense", "bcsr")))
   parser.add_argument("--copies", type=int, default=32, help="distinct operand copies per call")
   parser.add_argument("--reps", type=int, default=20)
-  parser.add_argument("--json", help="write every record to this file")
+  parser.add_argument("--json", help="write every record to this file (after each case)")
   parser.add_argument("--plot", help="write a PNG of the speedups (needs matplotlib)")
   parser.add_argument("--no-kernels", action="store_true", help="skip the per-matmul table")
   parser.add_argument("--e2e", action="store_true", help="also time a ViT forward at batch 1")
@@ -490,6 +490,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
       flush=True,
     )
   result = {"device": device, "ceilings": ceilings, "records": [], "e2e": []}
+
+  def save() -> None:
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+
   if not args.no_kernels:
     for shape in args.shapes.split(","):
       k, o = (int(v) for v in shape.split("x"))
@@ -509,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(
           f"  {shape} T={t}: {len(recs)} timings in {time.perf_counter() - start:.0f} s", flush=True
         )
+        save()  # after every case, so that a run cut short keeps what it measured
     print()
     print(table(result["records"]))
     if result["records"] and result["records"][0]["timer"] == "gpu":
@@ -523,9 +530,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     print(f"end to end: {args.e2e_model} forward, batch 1, N:M FF kernels (Table 8 form):")
     print(e2e_table(result["e2e"]))
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=1)
+  save()
   if args.plot and result["records"] and not plot(result["records"], args.plot):
     print("  --plot: matplotlib is not installed; no plot written")
   return result
