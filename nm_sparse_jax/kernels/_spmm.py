@@ -210,11 +210,10 @@ def candidate_configs(
   at one token ``"gather"`` with few outputs and long steps (H100, µs of GPU time against 16 or
   4 outputs by 128 or 512 columns: W1 2:4 5.0 vs 7.6, 1:4 3.7 vs 4.8, 1:8 3.2 vs 3.5; W2 2:4 5.2
   vs 6.0, 1:4 3.5 vs 3.9, 1:8 2.8 vs 3.3; the chain of dependent loads per program is what
-  costs); at 16 tokens
-  ``"dot"`` (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` / tokens-in-``M`` ``"dot"`` (W2)
-  down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.6 vs 5.9 µs, H100) and at 1:128; at 197
-  tokens ``"dot"`` with the tokens in ``M``, also at 1:128
-  (H100: W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
+  costs); at 16 tokens ``"dot"`` (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` /
+  tokens-in-``M`` ``"dot"`` (W2) down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.6 vs 5.9
+  µs, H100) and at 1:128; at 197 tokens ``"dot"`` with the tokens in ``M``, also at 1:128 (H100:
+  W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
   if tokens == 1:
