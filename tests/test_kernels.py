@@ -260,7 +260,7 @@ def test_mask_kernel_has_no_gradient():
   )
 
 
-def test_mask_kernel_errors():
+def test_mask_kernel_errors(nm_reference):
   with pytest.raises(ValueError, match="m a power of two <= 1024; got dtype float32, m=6"):
     nm_mask_pallas(jnp.ones((12, 2)), 3, 6)
   with pytest.raises(ValueError, match="got dtype int32"):
@@ -273,6 +273,19 @@ def test_mask_kernel_errors():
     nm_mask_pallas(jnp.ones((8, 2)), 1, 8, config=MaskConfig(sub=3), interpret=True)
   with pytest.raises(ValueError, match=r"m=1024: 64 chunks x 32 columns = 2048 threads"):
     nm_mask_pallas(jnp.ones((1024, 64)), 1, 1024, config=MaskConfig(16, 32), interpret=True)
+  # Packed, a thread holds two columns: 32 chunks x 64 columns is 1024 threads of 32 words, which
+  # fits; one column per thread (float32, or 128 packed columns) does not.
+  wide_group = _tied(jax.random.key(11), (512, 64), jnp.bfloat16)
+  packed = MaskConfig(16, 64, packed=True)
+  got = nm_mask_pallas(wide_group, 100, 512, interpret=True, config=packed)
+  np.testing.assert_array_equal(
+    np.asarray(got), nm_reference(wide_group.astype(jnp.float32), 100, 512, 0)
+  )
+  with pytest.raises(ValueError, match=r"m=512: 32 chunks x 64 columns = 2048 threads"):
+    nm_mask_pallas(wide_group.astype(jnp.float32), 100, 512, interpret=True, config=packed)
+  too_wide = MaskConfig(16, 128, packed=True)
+  with pytest.raises(ValueError, match=r"32 chunks x 64 words of two columns = 2048 threads"):
+    nm_mask_pallas(jnp.ones((512, 128), jnp.bfloat16), 1, 512, interpret=True, config=too_wide)
   wide = jax.ShapeDtypeStruct((8, 65536 * 8), jnp.float32)  # traced only, never allocated
   with pytest.raises(ValueError, match="524288 columns in blocks of 4: 131072 column blocks"):
     jax.eval_shape(lambda v: nm_mask_pallas(v, 1, 8, config=MaskConfig(8, 4), interpret=True), wide)
@@ -362,6 +375,15 @@ def test_mask_kernel_on_gpu_large_groups(shape, n, m, dtype, nm_reference):
   x = _tied(jax.random.key(6), shape, dtype)  # 8 and 32 chunks of 32 per group
   got = jax.jit(lambda v: nm_mask_pallas(v, n, m))(x)
   np.testing.assert_array_equal(np.asarray(got), nm_reference(x.astype(jnp.float32), n, m, 0))
+
+
+@needs_gpu
+def test_mask_kernel_on_gpu_packed_program_of_1024_threads(nm_reference):
+  x = _tied(jax.random.key(12), (512, 192), jnp.bfloat16)  # 32 chunks x 32 words per program
+  config = MaskConfig(16, 64, packed=True)
+  for n in (1, 100):
+    got = jax.jit(lambda v, n=n: nm_mask_pallas(v, n, 512, config=config))(x)
+    np.testing.assert_array_equal(np.asarray(got), nm_reference(x.astype(jnp.float32), n, 512, 0))
 
 
 @needs_gpu

@@ -334,22 +334,24 @@ def _resolve(config: MaskConfig, m: int, cols: int, itemsize: int) -> tuple[int,
       raise ValueError(f"MaskConfig.{name}={value} is not a power of two")
   sub = min(config.sub, m)
   block_c = _block_c(config, cols)
-  threads = (m // sub) * block_c
-  if threads > _MAX_THREADS:
-    raise ValueError(
-      f"MaskConfig(sub={config.sub}, block_c={config.block_c}) for m={m}: {m // sub} chunks x "
-      f"{block_c} columns = {threads} threads per program, more than {_MAX_THREADS}"
-    )
   if cols // block_c > _MAX_COLUMN_BLOCKS:
     raise ValueError(
       f"{cols} columns in blocks of {block_c}: {cols // block_c} column blocks, more than "
       f"{_MAX_COLUMN_BLOCKS}; use a MaskConfig with a larger block_c"
     )
-  # Two columns per word need 16-bit floats and an even number of columns per program.
+  # Two columns per word need 16-bit floats and an even number of columns per program; a thread
+  # then holds one word (two columns), so a program runs half as many threads.
   packed = config.packed and itemsize == 2 and block_c >= 2
-  if packed:
-    block_c, threads = block_c // 2, threads // 2
-  return sub, block_c, max(threads // 32, 1), packed
+  words = block_c // 2 if packed else block_c
+  threads = (m // sub) * words
+  if threads > _MAX_THREADS:
+    per = f"{words} words of two columns" if packed else f"{block_c} columns"
+    raise ValueError(
+      f"MaskConfig(sub={config.sub}, block_c={config.block_c}, packed={config.packed}) for "
+      f"m={m}: {m // sub} chunks x {per} = {threads} threads per program, more than "
+      f"{_MAX_THREADS}"
+    )
+  return sub, words, max(threads // 32, 1), packed
 
 
 @functools.partial(jax.jit, static_argnames=("n", "m", "axes", "interpret", "config"))
