@@ -127,11 +127,19 @@ def test_configs():
   variants = {c.variant for c in candidate_configs(16, 4096, 1 / 8)}
   assert variants == {"dot", "dot_gather", "gather", "gather_t"}
   # Few kept weights per output: the token-tiled gather first, the dot kernels still tried.
-  assert candidate_configs(16, 4096, 1 / 32)[4] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
+  # Up to 16 tokens: wide outputs 16 x 32 with 8 warps; narrow ones 4 x 32 with 4 warps first
+  # down to density 1/64, the 8-warp tiling first below.
+  assert candidate_configs(16, 4096, 1 / 32)[4] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert candidate_configs(16, 4096, 1 / 32)[5] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
+  assert candidate_configs(16, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
   assert candidate_configs(32, 4096, 1 / 64)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
-  assert candidate_configs(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 32, 16, 4, 2, 1)
+  assert candidate_configs(32, 4096, 1 / 64)[2] == SpmmConfig("gather_t", 16, 16, 32, 8, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
+  assert candidate_configs(12, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 128)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
+  assert candidate_configs(16, 1024, 1 / 128)[1] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
   assert candidate_configs(197, 4096, 1 / 128)[0].variant == "dot"  # gather_t only up to 32
   assert candidate_configs(197, 4096, 1 / 128)[3] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
   assert candidate_configs(197, 1024, 1 / 128)[3] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)

@@ -168,26 +168,39 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
   return ((half, full) if sparse else (full, half)) + (outputs_in_m,)
 
 
-def _gather_t_configs(tokens: int, out_features: int) -> tuple[SpmmConfig, ...]:
-  """``"gather_t"``: up to 32 tokens per program; 16 outputs for ``O >= 2048``, else 8; ~4K
-  products per step with 4 warps, except for ``O < 2048`` with at most 16 tokens: ~8K with 8
-  warps (on an H200, 4096x1024 at 16 tokens, 1:16: 7.4 vs 8.3 µs; at 197 tokens 8 warps lose,
-  1:128: 14.6 vs 11.3 µs). Unsplit, then split along ``K`` (4 ways when ``O < 2048``, else 2),
-  then the other warp count.
+def _gather_t_configs(
+  tokens: int, out_features: int, density: float | None = None
+) -> tuple[SpmmConfig, ...]:
+  """``"gather_t"``: up to 32 tokens per program, ~4K products per step with 4 warps (16 outputs
+  for ``O >= 2048``, else 8), then split along ``K`` (2 ways for ``O >= 2048``, else 4), then
+  ~8K products with 8 warps. Up to 16 tokens the order differs:
+
+  * ``O >= 2048``: the 8-warp tiling first (H100, W1 at 16 tokens, 1:128, µs of GPU time,
+    three runs: 3.0 vs 3.2, 3.2 vs 3.2, 3.1 vs 3.4);
+  * ``O < 2048``: ~8K products with 8 warps (8 outputs), but for ``density > 1/64`` first 4
+    outputs with ~2K products and 4 warps (W2 at 16 tokens, 1:32: 4.7 vs 5.5 and 5.1 vs 5.5;
+    at 1:128 3.6 vs 3.6 and 3.8 vs 3.5), then its split.
+
+  At 197 tokens 8 warps lose (H200, 1:128: 14.6 vs 11.3 µs).
   """
   block_t = min(_pow2_at_least(tokens), 32)
   wide = out_features >= 2048
-  block_out, warps = (16 if wide else 8), (8 if not wide and block_t <= 16 else 4)
-  products = 1024 * warps
-  config = SpmmConfig(
-    "gather_t", block_out, max(products // (block_out * block_t), 1), block_t, warps, 2
-  )
-  other = 8 if warps == 4 else 4
-  return (
-    config,
-    config._replace(split_k=2 if wide else 4),
-    config._replace(block_k=max(1024 * other // (block_out * block_t), 1), num_warps=other),
-  )
+
+  def tiling(block_out: int, products: int, warps: int) -> SpmmConfig:
+    block_k = max(products // (block_out * block_t), 1)
+    return SpmmConfig("gather_t", block_out, block_k, block_t, warps, 2)
+
+  four_warps = tiling(16 if wide else 8, 4096, 4)
+  eight_warps = tiling(16 if wide else 8, 8192, 8)
+  if block_t > 16:
+    return four_warps, four_warps._replace(split_k=2 if wide else 4), eight_warps
+  if wide:
+    return eight_warps, four_warps, four_warps._replace(split_k=2)
+  few_outputs = tiling(4, 2048, 4)
+  first, second = (eight_warps, few_outputs)
+  if density is not None and density > 1 / 64:
+    first, second = second, first
+  return first, second, eight_warps._replace(split_k=4)
 
 
 def candidate_configs(
@@ -211,9 +224,9 @@ def candidate_configs(
   4 outputs by 128 or 512 columns: W1 2:4 5.0 vs 7.6, 1:4 3.7 vs 4.8, 1:8 3.2 vs 3.5; W2 2:4 5.2
   vs 6.0, 1:4 3.5 vs 3.9, 1:8 2.8 vs 3.3; the chain of dependent loads per program is what
   costs); at 16 tokens ``"dot"`` (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` /
-  tokens-in-``M`` ``"dot"`` (W2) down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.6 vs 5.9
-  µs, H100) and at 1:128; at 197 tokens ``"dot"`` with the tokens in ``M``, also at 1:128 (H100:
-  W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
+  tokens-in-``M`` ``"dot"`` (W2) down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.1 vs 5.6
+  µs for the ``"dot"`` kernel, H100) and at 1:128; at 197 tokens ``"dot"`` with the tokens in
+  ``M``, also at 1:128 (H100: W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
   if tokens == 1:
@@ -228,7 +241,7 @@ def candidate_configs(
   dots = _dot_configs(tokens, out_features, density)
   if tokens <= 32:
     dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
-  gather_t = _gather_t_configs(tokens, out_features)
+  gather_t = _gather_t_configs(tokens, out_features, density)
   if density is not None and (
     (density <= 1 / 64 and tokens <= 32)
     or (tokens * density < 1 and not (out_features >= 2048 and tokens <= 16))
