@@ -1,6 +1,9 @@
 """The Pallas kernels against NumPy: on a CPU in Pallas interpret mode, compiled on a GPU."""
 
 import itertools
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -401,3 +404,49 @@ def test_mask_kernel_on_gpu_under_vmap():
     got = jax.jit(jax.vmap(lambda v, n=n, m=m: nm_mask_pallas(v, n, m)))(x)
     want = jax.vmap(lambda v, n=n, m=m: nm_mask(v, n, m, axis=0))(x)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_without_pallas_triton_the_package_works_and_kernels_say_why():
+  # A JAX without Pallas's Triton backend (deprecated in JAX 0.11): everything but the kernels
+  # works, "auto" falls back to XLA, and a kernel call names what is missing.
+  script = textwrap.dedent("""
+    import os, sys
+    sys.modules["jax.experimental.pallas.triton"] = None  # its import now raises ImportError
+    import jax.numpy as jnp
+    import numpy as np
+    from nm_sparse_jax import nm_mask, sparse_linear
+    from nm_sparse_jax.bench import spmm
+    from nm_sparse_jax.export import compress
+    from nm_sparse_jax.kernels import candidate_configs, nm_mask_pallas, nm_matmul, use_mask_kernel
+    from nm_sparse_jax.kernels._backend import available
+    assert not available()
+    x = jnp.arange(32.0).reshape(8, 4)
+    os.environ["NM_SPARSE_JAX_MASK_KERNEL"] = "auto"
+    assert not use_mask_kernel(x, 1, 8, (0,))
+    os.environ["NM_SPARSE_JAX_MASK_KERNEL"] = "1"
+    assert use_mask_kernel(x, 1, 8, (0,))  # asked for: the call below raises
+    assert np.asarray(nm_mask(x, 1, 8)).sum() == 4
+    assert candidate_configs(16, 4096, 1 / 8)
+    c = compress(jnp.eye(4), 1, 2)
+    for call in (lambda: nm_matmul(jnp.ones((1, 4)), c), lambda: nm_mask_pallas(x, 1, 8),
+                 lambda: sparse_linear.linear(jnp.ones((1, 4)), c)):
+      try:
+        call()
+      except ImportError as error:
+        print("ImportError:", error)
+      else:
+        raise SystemExit("no ImportError")
+    try:
+      spmm.main(["--paths", "nm", "--shapes", "8x8"])
+    except SystemExit as exit:
+      print("exit", exit.code)
+  """)
+  done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  errors = [line for line in done.stdout.splitlines() if line.startswith("ImportError:")]
+  assert len(errors) == 3
+  assert "nm_matmul needs Pallas's Triton backend (jax.experimental.pallas.triton)" in errors[0]
+  assert "nm_mask_pallas needs Pallas's Triton backend" in errors[1]
+  assert "nm_matmul needs" in errors[2]  # sparse_linear's nm path
+  assert "exit 2" in done.stdout
+  assert "--paths nm: the N:M kernels need Pallas's Triton backend" in done.stderr

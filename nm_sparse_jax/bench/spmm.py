@@ -56,6 +56,7 @@ from nm_sparse_jax.bench._profile import gpu_kernel_seconds, gpu_kernel_times
 from nm_sparse_jax.bench._timing import device_description, interleaved_medians
 from nm_sparse_jax.export import bcsr_from_compressed, compress, export
 from nm_sparse_jax.kernels import SpmmConfig, candidate_configs, nm_matmul
+from nm_sparse_jax.kernels._backend import available as kernels_available
 from nm_sparse_jax.models.vit import VisionTransformer, ViTConfig
 from nm_sparse_jax.sparse_linear import bcsr_matmul, cusparse_lowering, jit_apply
 
@@ -459,7 +460,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--shapes", default=",".join(SHAPES), help="KxO kernel shapes (in x out)")
   parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
   parser.add_argument("--patterns", default=",".join(PATTERNS))
-  parser.add_argument("--paths", default=",".join(PATHS if gpu else ("dense", "bcsr")))
+  default_paths = [p for p in PATHS if (gpu or p != "nm") and (kernels_available() or p != "nm")]
+  parser.add_argument("--paths", default=",".join(default_paths))
   parser.add_argument("--copies", type=int, default=32, help="distinct operand copies per call")
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--json", help="write every record to this file (after each case)")
@@ -474,8 +476,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
   unknown = set(paths) - set(PATHS)
   if unknown:
     parser.error(f"--paths: unknown {sorted(unknown)}; choose from {', '.join(PATHS)}")
+  if "nm" in paths and not kernels_available():
+    parser.error(
+      f"--paths nm: the N:M kernels need Pallas's Triton backend, which JAX {jax.__version__} "
+      "does not provide"
+    )
   device = device_description()
   print(f"bench spmm on {device}", flush=True)
+  if gpu and not kernels_available():
+    print("  this JAX lacks Pallas's Triton backend: no nm path", flush=True)
   if not gpu:
     print(
       "  no GPU: dense and bcsr use XLA's CPU lowerings (no cuSPARSE); the N:M kernel runs only "

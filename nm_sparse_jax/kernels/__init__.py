@@ -9,9 +9,11 @@
   :func:`~nm_sparse_jax.nm_mask` uses it on a GPU where :func:`use_mask_kernel` says so.
 
 JAX 0.11 deprecates Pallas's Triton backend (a ``DeprecationWarning`` when a kernel is lowered);
-it still works there. Block sizes were chosen by measurement on an H100 and an H200
-(BENCHMARKS.md); ``bench spmm`` times the :func:`candidate_configs` of each case and reports the
-fastest.
+it still works there. Where a JAX lacks it, this package still imports: the kernels raise an
+``ImportError`` that says so, and ``NM_SPARSE_JAX_MASK_KERNEL=auto`` leaves masks to XLA.
+
+Block sizes were chosen by measurement on an H100 and an H200 (BENCHMARKS.md); ``bench spmm``
+times the :func:`candidate_configs` of each case and reports the fastest.
 """
 
 from nm_sparse_jax.kernels._masks import (

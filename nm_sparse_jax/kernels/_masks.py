@@ -47,10 +47,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from nm_sparse_jax._masks import contraction_axes, parse_nm
+from nm_sparse_jax.kernels._backend import available, pl, plgpu, require
 
 __all__ = [
   "MASK_KERNEL_ENV",
@@ -158,9 +157,11 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     ``n > 1`` from ``m = 8`` on (4:8 0.7x-1.2x against 0.9x-1.4x, a tie on 2048x768; 2:32
     0.8x-1.4x against 2.2x-3.6x; 16:128 1.2x-1.8x against 10x-28x). XLA keeps ``m <= 2`` and
     ``n > 1`` with ``m = 4`` (2:4: XLA 0.6x-0.9x, the kernel 1.2x-1.3x);
-  * ``1``: wherever it applies.
+  * ``1``: wherever it applies (:func:`nm_mask_pallas` raises an ``ImportError`` where this JAX
+    lacks Pallas's Triton backend).
 
-  Either way XLA keeps arrays whose columns would need more than 65535 programs.
+  Either way XLA keeps arrays whose columns would need more than 65535 programs; with ``auto``
+  also everything, where the Triton backend is missing.
   """
   setting = os.environ.get(MASK_KERNEL_ENV, "0")
   if setting not in ("auto", "1") or not mask_kernel_applies(x, n, m, axes):
@@ -169,6 +170,8 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     return False
   if setting == "1":
     return True
+  if not available():
+    return False
   return jax.device_count() == 1 and m >= (4 if n == 1 else 8)
 
 
@@ -404,6 +407,7 @@ def nm_mask_pallas(
   Raises:
     ValueError: a bad pattern or axis, an unsupported dtype or ``m``, or ``m`` does not divide
       the axis.
+    ImportError: this JAX lacks Pallas's Triton backend.
 
   >>> w = jnp.array([[0.1, -3.0], [2.0, 0.5], [-0.2, 0.4], [1.0, 0.0]])
   >>> nm_mask_pallas(w, 2, 4, axis=0).astype(int)
@@ -412,6 +416,7 @@ def nm_mask_pallas(
          [0, 0],
          [1, 0]], dtype=int32)
   """
+  require("nm_mask_pallas")
   x = jnp.asarray(x)
   n, m = parse_nm((n, m), name="n:m")
   axes = contraction_axes(axis, x.ndim)

@@ -45,10 +45,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plgpu
 
 from nm_sparse_jax.export._compressed import NMCompressed
+from nm_sparse_jax.kernels._backend import pl, plgpu, require
 
 __all__ = [
   "SpmmConfig",
@@ -89,6 +88,10 @@ class SpmmConfig(NamedTuple):
   num_stages: int = 2
   split_k: int = 1
   tokens_in_m: bool = False
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
 
 
 def _pow2_at_least(v: int) -> int:
@@ -132,7 +135,7 @@ def _dot_configs(tokens: int, out_features: int, density: float | None) -> tuple
   wide = out_features >= 2048
 
   def split(block_out: int, block_t: int, target: int, cap: int) -> int:
-    programs = max(out_features // block_out, 1) * pl.cdiv(tokens, block_t)
+    programs = max(out_features // block_out, 1) * _cdiv(tokens, block_t)
     return 1 if programs >= target else min(cap, _pow2_at_least(target // programs))
 
   block_t = min(_pow2_at_least(tokens), 256)
@@ -476,7 +479,7 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
   elif config.variant == "gather_t":
     del kwargs["tokens"]
     kernel = functools.partial(_gather_t_kernel, split_k=config.split_k, **kwargs)
-    padded = pl.cdiv(tokens, config.block_t) * config.block_t
+    padded = _cdiv(tokens, config.block_t) * config.block_t
     x = jnp.pad(x, ((0, padded - tokens), (0, 0))).T  # (K, T_pad), tokens minor
     grid = (out_features // config.block_out, padded // config.block_t, config.split_k)
     dtype = jnp.float32 if config.split_k > 1 else x.dtype
@@ -488,7 +491,7 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
     kernel = functools.partial(
       _dot_kernel, split_k=config.split_k, gather=gather, tokens_in_m=config.tokens_in_m, **kwargs
     )
-    grid = (out_features // config.block_out, pl.cdiv(tokens, config.block_t), config.split_k)
+    grid = (out_features // config.block_out, _cdiv(tokens, config.block_t), config.split_k)
     if config.split_k > 1:
       out_shape = jax.ShapeDtypeStruct((config.split_k, tokens, out_features), jnp.float32)
   y = pl.pallas_call(
@@ -527,12 +530,14 @@ def nm_matmul(
 
   Raises:
     ValueError: ``x``'s last axis is not ``K``, or a bad ``config``.
+    ImportError: this JAX lacks Pallas's Triton backend.
 
   >>> from nm_sparse_jax.export import compress
   >>> w = jnp.array([[0.0, 1.0], [3.0, 0.0], [0.0, 0.0], [-2.0, 4.0]])  # (in=4, out=2), 1:2
   >>> nm_matmul(jnp.array([[1.0, 2.0, 3.0, 4.0]]), compress(w, 1, 2))
   Array([[-2., 17.]], dtype=float32)
   """
+  require("nm_matmul")
   x = jnp.asarray(x)
   k = w.in_features
   if x.shape[-1] != k:
