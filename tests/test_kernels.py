@@ -175,6 +175,7 @@ MASKS = [
   ((16, 24), 0, 2, 4, jnp.float32),
   ((256, 12), 0, 16, 128, jnp.float32),
   ((256, 40), 0, 16, 128, jnp.bfloat16),
+  ((128, 64), 0, 100, 128, jnp.float16),  # 8 chunks of 16 x 16 words (two columns each)
   ((6, 64, 3), (0, 1), 3, 8, jnp.float32),
   ((7, 32), 1, 1, 8, jnp.bfloat16),
   ((5, 64, 4), 1, 5, 16, jnp.float16),
@@ -200,6 +201,10 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
   assert default_mask_config(128) == MaskConfig(32, 8, early_stop=True)
   assert default_mask_config(32, jnp.bfloat16) == MaskConfig(16, 64, packed=True)
   assert default_mask_config(128, jnp.float16) == MaskConfig(32, 32)
+  assert default_mask_config(128, jnp.bfloat16, n=16) == MaskConfig(16, 32, packed=True)
+  assert default_mask_config(128, jnp.bfloat16, n=1) == MaskConfig(32, 32)
+  assert default_mask_config(256, jnp.bfloat16, n=16) == MaskConfig(32, 32)
+  assert default_mask_config(128, jnp.float32, n=16) == MaskConfig(32, 8, early_stop=True)
   configs = (None, MaskConfig(), MaskConfig(4, 8), MaskConfig(8, 64, True), MaskConfig(1, 1))
   for config in configs:  # 20 columns: blocks of 4; 1 to 32 elements of a group per thread
     got = nm_mask_pallas(x, 3, 32, axis=0, interpret=True, config=config)

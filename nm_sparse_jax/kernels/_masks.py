@@ -94,22 +94,28 @@ class MaskConfig(NamedTuple):
   packed: bool = False
 
 
-def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> MaskConfig:
-  """The layout measured fastest for groups of ``m`` in ``dtype`` (H100, BENCHMARKS.md).
+def default_mask_config(
+  m: int, dtype: jax.typing.DTypeLike = jnp.float32, n: int | None = None
+) -> MaskConfig:
+  """The layout measured fastest for ``n:m`` groups in ``dtype`` (H100, BENCHMARKS.md).
 
   * float32 (31-bit keys), with ``early_stop``: whole groups per thread up to ``m = 32``
     (32 columns per program); 16 elements per thread in 4 chunks x 8 columns for ``m = 64``;
     32 per thread, chunks x 8 columns from ``m = 128`` on;
   * 16-bit floats (15-bit keys), no early stop: ``m <= 8`` whole groups, 64 columns (two per
     thread); ``m = 16`` whole groups, 32 columns; ``m = 32`` and ``m = 64`` two columns per word
-    (``packed``), chunks of 16, 64 columns (32 words); from ``m = 128`` on, chunks of 32 x 32
+    (``packed``), chunks of 16, 64 columns (32 words); ``m = 128`` with ``n > 1`` packed too,
+    chunks of 16 x 32 columns (16 words; 8 chunks per group); otherwise chunks of 32 x 32
     columns (one warp per chunk).
 
   GPU time against one multiply of the same arrays: float32 (768x2048) 4:32 1.14x, 8:64 1.17x,
-  16:128 1.42x; bfloat16 (768x2048 / 4096x1024) 4:32 1.23x / 1.26x, 8:64 1.33x / 1.38x, 16:128
-  1.56x / 1.71x. Packed words against one column per thread (bfloat16, 768x2048, side by side,
-  before the part-minimum bound of the module docstring): 4:32 1.35x vs 1.49x, 8:64 1.40x vs
-  1.66x; at ``m = 128`` they measured no faster (1.64x both).
+  16:128 1.42x; bfloat16 (768x2048 / 4096x1024) 4:32 1.23x / 1.26x, 8:64 1.33x / 1.38x. Packed
+  words against one column per thread (bfloat16, 768x2048, side by side, before the
+  part-minimum bound of the module docstring): 4:32 1.35x vs 1.49x, 8:64 1.40x vs 1.66x. At
+  ``m = 128`` packed words pay only in chunks of 16 (bfloat16 16:128, 768x2048 / 2048x768 /
+  4096x1024: 1.49x / 1.57x / 1.55x against 1.57x / 1.61x / 1.70x for chunks of 32 unpacked; a
+  second run on the T5 shapes 1.52x / 1.59x against 1.59x / 1.62x); for ``n = 1`` (no
+  bisection) they lose (1:128 1.00x / 1.07x against 0.96x / 1.00x).
 
   >>> default_mask_config(32, jnp.bfloat16)
   MaskConfig(sub=16, block_c=64, early_stop=False, packed=True)
@@ -121,6 +127,8 @@ def default_mask_config(m: int, dtype: jax.typing.DTypeLike = jnp.float32) -> Ma
     return MaskConfig(m, 64 if m <= 8 else 32)
   if m <= 64:
     return MaskConfig(16, 64, packed=True)
+  if m == 128 and n is not None and n > 1:
+    return MaskConfig(16, 32, packed=True)
   return MaskConfig(32, 32)
 
 
@@ -136,10 +144,10 @@ def mask_kernel_applies(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bo
   )
 
 
-def _fits_grid(x: jax.Array, m: int, axes: Sequence[int]) -> bool:
+def _fits_grid(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
   """Whether the default layout for ``x`` has at most 65535 column blocks (the grid's limit)."""
   post = math.prod(x.shape[axes[-1] + 1 :])
-  return post // _block_c(default_mask_config(m, x.dtype), post) <= _MAX_COLUMN_BLOCKS
+  return post // _block_c(default_mask_config(m, x.dtype, n), post) <= _MAX_COLUMN_BLOCKS
 
 
 def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
@@ -166,7 +174,7 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
   setting = os.environ.get(MASK_KERNEL_ENV, "0")
   if setting not in ("auto", "1") or not mask_kernel_applies(x, n, m, axes):
     return False
-  if not _fits_grid(x, m, axes):
+  if not _fits_grid(x, n, m, axes):
     return False
   if setting == "1":
     return True
@@ -433,5 +441,5 @@ def nm_mask_pallas(
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   # The mask is piecewise constant in x: no derivative flows (and none into the kernel).
-  config = config or default_mask_config(m, x.dtype)
+  config = config or default_mask_config(m, x.dtype, n)
   return _mask(jax.lax.stop_gradient(x), n=n, m=m, axes=axes, interpret=interpret, config=config)
