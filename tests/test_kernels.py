@@ -42,6 +42,11 @@ SPMM = [
   # (K, O, n, m, T, config)
   (128, 32, 1, 16, 3, SpmmConfig("gather", 16, 64, 4)),  # block_k clamped to the 8 per row
   (128, 16, 2, 8, 1, SpmmConfig("gather", 8, 32, 1, num_warps=2)),
+  # The inputs picked by a select chain: one step, several steps, tokens, m up to 16.
+  (128, 16, 2, 4, 1, SpmmConfig("select", 4, 64, 1)),
+  (256, 32, 1, 8, 3, SpmmConfig("select", 8, 8, 4, num_warps=2)),  # 4 steps, 3 of 4 tokens
+  (128, 16, 4, 8, 1, SpmmConfig("select", 2, 16, 1)),
+  (128, 8, 1, 16, 5, SpmmConfig("select", 4, 64, 8)),  # block_k clamped to the 8 per row
   (128, 32, 1, 8, 20, SpmmConfig("dot", 16, 64, 16)),
   (256, 32, 2, 4, 37, SpmmConfig("dot", 32, 64, 16, split_k=2)),
   (256, 16, 1, 32, 18, SpmmConfig("dot", 16, 128, 32, split_k=4)),  # split clamped to 2
@@ -96,7 +101,26 @@ def test_configs():
   # One token: few outputs per program, long steps (2 x 1024 or 4 x 512 compressed columns).
   assert candidate_configs(1, 1024)[0] == SpmmConfig("gather", 2, 1024, 1, 4, 2)
   assert candidate_configs(1, 4096)[0] == SpmmConfig("gather", 4, 512, 1, 4, 2)
-  assert candidate_configs(4, 4096)[0] == SpmmConfig("gather", 16, 32, 4, 4, 2)
+  # 2 to 4 tokens: about 1K compressed columns per program and step.
+  assert candidate_configs(4, 4096)[0] == SpmmConfig("gather", 4, 256, 4, 4, 2)
+  assert candidate_configs(4, 4096, 1 / 2)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  assert candidate_configs(3, 1024)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  # At one token the select chain for dense patterns: first on wide outputs, last on narrow.
+  assert candidate_configs(1, 4096, 1 / 2)[0] == SpmmConfig("select", 4, 256, 1, 4, 2)
+  assert candidate_configs(1, 1024, 1 / 2)[2] == SpmmConfig("select", 4, 256, 1, 4, 2)
+  assert "select" not in {c.variant for c in candidate_configs(1, 4096, 1 / 4)}
+  # 5 to 8 tokens: the 16-token candidates (with 8-token tiles) and two gather tilings, the one
+  # measured fastest for the width and density first.
+  eight = candidate_configs(8, 4096, 1 / 8)
+  assert {c.variant for c in eight} == {"dot", "dot_gather", "gather", "gather_t"}
+  assert SpmmConfig("gather", 8, 128, 8, 4, 2) in eight and all(c.block_t == 8 for c in eight)
+  assert eight[0] == SpmmConfig("dot", 32, 256, 8, 4, 3, 4)
+  assert candidate_configs(6, 4096, 1 / 32)[0] == SpmmConfig("gather", 8, 128, 8, 4, 2)
+  assert candidate_configs(8, 4096, 1 / 64)[0].variant == "gather_t"
+  assert candidate_configs(8, 1024, 1 / 4)[0] == SpmmConfig("dot", 32, 256, 8, 4, 3, 4)
+  assert candidate_configs(8, 1024, 1 / 16)[0] == SpmmConfig("dot", 32, 128, 8, 4, 3, 8, True)
+  assert candidate_configs(5, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 64, 8, 4, 2, 1)
+  assert len(set(eight)) == len(eight) == len(candidate_configs(8, 4096, 1 / 32))
   # Above 32 tokens: the tokens in the matrix unit's M dimension, ~128 programs; the tiling by
   # density; the outputs-in-M tiling third.
   assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1, True)
@@ -164,6 +188,9 @@ def test_nm_matmul_errors():
     nm_matmul(jnp.ones((2, 16)), c, config=SpmmConfig("gather", 12), interpret=True)
   with pytest.raises(ValueError, match="needs m a power of two, got m=6"):
     nm_matmul(jnp.ones((2, 12)), compress(jnp.ones((12, 4)), 1, 6), config=SpmmConfig("dot"))
+  three_of_six = compress(jnp.ones((96, 8)), 3, 6)  # 48 kept per output: steps of 16
+  with pytest.raises(ValueError, match="'select' N:M kernel needs n=3 to divide a step of 16"):
+    nm_matmul(jnp.ones((1, 96)), three_of_six, config=SpmmConfig("select", 4, 64), interpret=True)
 
 
 def _tied(key, shape, dtype):
@@ -338,7 +365,7 @@ def test_use_mask_kernel_policy(monkeypatch):
 
 
 @needs_gpu
-@pytest.mark.parametrize("t", [1, 16, 197])
+@pytest.mark.parametrize("t", [1, 3, 8, 16, 197])
 @pytest.mark.parametrize("n, m, o", [(2, 4, 512), (1, 8, 512), (1, 128, 512), (1, 8, 4096)])
 def test_nm_matmul_on_gpu(t, n, m, o):
   w = _nm_weight(jax.random.key(t), 1024, o, n, m, jnp.bfloat16)

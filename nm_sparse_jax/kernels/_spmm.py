@@ -4,12 +4,16 @@ With ``C = K*n/m`` kept weights per output and ``k(o, c) = (c // n)*m + index[o,
 
     y[t, o] = sum_c values[o, c] * x[t, k(o, c)]
 
-Four kernels compute it, all reading only the compressed weight (``C*(2 + 1)`` bytes per output
+Five kernels compute it, all reading only the compressed weight (``C*(2 + 1)`` bytes per output
 for bfloat16 values) and accumulating in float32:
 
 * ``"gather"`` (few tokens): each program owns ``block_out`` outputs and all tokens; it walks the
   compressed columns ``block_k`` at a time, gathers ``x[t, k(o, c)]`` (``x`` is small and stays
   in L1/L2) and multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work.
+* ``"select"`` (one token, dense patterns): the same, but without a load that waits on the
+  index: each step loads the ``m`` inputs of each of its groups along with the values and
+  indices, and picks each kept weight's input with a select chain over the ``m`` positions
+  (``m`` selects per kept weight instead of one dependent load).
 * ``"gather_t"`` (tens to hundreds of tokens, very sparse): the same gather-FMA on ``x^T``
   (``(K, T)``, transposed and padded by XLA), ``block_t`` tokens per program, so that the tokens
   of one gathered input are one contiguous vector load; ``T*O*C`` FMAs, optionally split along
@@ -57,24 +61,26 @@ __all__ = [
   "nm_matmul_reference",
 ]
 
-VARIANTS = ("gather", "gather_t", "dot", "dot_gather")
+VARIANTS = ("gather", "select", "gather_t", "dot", "dot_gather")
 
 
 class SpmmConfig(NamedTuple):
   """Block sizes and launch parameters of an N:M matmul kernel (all powers of two).
 
   Attributes:
-    variant: "gather" (CUDA-core gather-FMA), "gather_t" (the same on token-minor ``x^T``,
-      tokens tiled over programs), "dot" (expand a tile, tensor-core dot) or "dot_gather" (the
-      same with the tile built from repeated-address loads).
+    variant: "gather" (CUDA-core gather-FMA), "select" (the same, inputs picked by a select
+      chain), "gather_t" (the gather on token-minor ``x^T``, tokens tiled over programs), "dot"
+      (expand a tile, tensor-core dot) or "dot_gather" (the same with the tile built from
+      repeated-address loads).
     block_out: outputs per program.
-    block_k: "gather", "gather_t": compressed columns per step; "dot", "dot_gather": dense
-      inputs per step.
-    block_t: all but "gather": tokens per program (the "gather" kernel takes all tokens).
+    block_k: "gather", "select", "gather_t": compressed columns per step ("select": a
+      multiple of ``n``); "dot", "dot_gather": dense inputs per step.
+    block_t: "gather_t", "dot", "dot_gather": tokens per program ("gather" and "select" take
+      all tokens).
     num_warps: warps per program.
     num_stages: software-pipelining depth of the loop over ``K``.
-    split_k: all but "gather": programs along ``K`` (float32 partial sums, added by XLA), for
-      more parallelism when ``O`` is small and ``K`` large.
+    split_k: "gather_t", "dot", "dot_gather": programs along ``K`` (float32 partial sums,
+      added by XLA), for more parallelism when ``O`` is small and ``K`` large.
     tokens_in_m: "dot", "dot_gather": the tokens fill the matrix unit's ``M`` dimension
       (``acc = x @ Wt^T``, the ``x`` tile the left operand) instead of the outputs
       (``acc^T = Wt @ x^T``); ignored by the gather kernels.
@@ -206,15 +212,47 @@ def _gather_t_configs(
   return first, second, eight_warps._replace(split_k=4)
 
 
+def _lead_few_tokens(
+  configs: tuple[SpmmConfig, ...], wide: bool, density: float | None
+) -> tuple[SpmmConfig, ...]:
+  """5 to 8 tokens: ``configs`` with the one measured fastest first (H100, 8 tokens, µs of GPU
+  time against the first candidate of the 16-token rules): for ``O >= 2048`` the split
+  ``"dot"`` (32 outputs x 256 inputs) down to density 1/8 (2:4 8.7 vs 19.4, 1:8 5.8 vs 6.0),
+  ``"gather"`` with 8 outputs x 128 columns down to 1/32 (1:32 4.2 vs 5.2), else
+  ``"gather_t"``; for ``O < 2048`` the split ``"dot"`` down to 1/4 (2:4 12.5 vs 20.8), the
+  tokens-in-``M`` ``"dot"`` down to 1/16 (1:16 5.3 vs 5.8), else ``"gather_t"``."""
+  d = 1.0 if density is None else density
+  if wide:
+    want = "split dot" if d >= 1 / 8 else "gather" if d >= 1 / 32 else "gather_t"
+  else:
+    want = "split dot" if d >= 1 / 4 else "tokens in M" if d >= 1 / 16 else "gather_t"
+
+  def matches(c: SpmmConfig) -> bool:
+    if want == "split dot":
+      return c.variant == "dot" and (c.block_out, c.block_k) == (32, 256) and c.split_k > 1
+    if want == "tokens in M":
+      return c.variant == "dot" and c.tokens_in_m
+    return c.variant == want
+
+  first = next((c for c in configs if matches(c)), configs[0])
+  return (first, *(c for c in configs if c != first))
+
+
 def candidate_configs(
   tokens: int, out_features: int, density: float | None = None
 ) -> tuple[SpmmConfig, ...]:
   """A few configurations worth timing for ``tokens`` rows, ``out_features`` outputs and (where
   known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
 
-  * up to 8 tokens: ``"gather"`` with ~2K gathered elements a step: at one token 4 outputs per
-    program for ``O >= 2048``, else 2 (512 or 1024 compressed columns a step, whole rows in
-    few steps); from 2 tokens on about 256 (or 128) programs;
+  * one token: ``"gather"`` with 4 outputs x 512 compressed columns for ``O >= 2048``, else 2 x
+    1024 (whole rows in few steps), then twice the outputs; for ``density >= 1/2`` also
+    ``"select"`` (4 x 256), first for ``O >= 2048``;
+  * 2 to 4 tokens: ``"gather"`` with about 1K compressed columns per program and step: 4 x 256
+    and 2 x 512 for ``O >= 2048`` (2 x 512 first for ``density >= 1/2``), 2 x 512 and 4 x 512
+    below;
+  * 5 to 8 tokens: the candidates of the next two items, ``"gather"`` with 8 x 128 and 4 x 256,
+    the one measured fastest for the output width and density first
+    (:func:`_lead_few_tokens`);
   * more, when ``density <= 1/64`` with at most 32 tokens, or ``tokens * density < 1`` (few
     products per output) except for ``O >= 2048`` with at most 16 tokens (there the unsplit
     ``"dot"`` of :func:`_dot_configs` led at 1:32): ``"gather_t"`` first
@@ -226,25 +264,36 @@ def candidate_configs(
   at one token ``"gather"`` with few outputs and long steps (H100, µs of GPU time against 16 or
   4 outputs by 128 or 512 columns: W1 2:4 5.0 vs 7.6, 1:4 3.7 vs 4.8, 1:8 3.2 vs 3.5; W2 2:4 5.2
   vs 6.0, 1:4 3.5 vs 3.9, 1:8 2.8 vs 3.3; the chain of dependent loads per program is what
-  costs); at 16 tokens ``"dot"`` (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` /
-  tokens-in-``M`` ``"dot"`` (W2) down to 1:16, and ``"gather_t"`` from 1:32 on W2 (5.1 vs 5.6
-  µs for the ``"dot"`` kernel, H100) and at 1:128; at 197 tokens ``"dot"`` with the tokens in
-  ``M``, also at 1:128 (H100: W1 9.2 vs 10.8 µs for ``"gather_t"``, W2 11.5 vs 11.6).
+  costs), and ``"select"`` for W1 2:4 (4.5 vs 5.0, two runs); at 2 and 4 tokens about 1K
+  columns per step against the earlier 2K gathered elements (4 tokens: W1 1:8 4.0 vs 6.6, 2:4
+  9.8 vs 22.2; W2 1:8 4.2 vs 5.0); at 8 tokens see :func:`_lead_few_tokens`; at 16 tokens ``"dot"``
+  (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` / tokens-in-``M`` ``"dot"`` (W2) down to 1:16,
+  and ``"gather_t"`` from 1:32 on W2 (5.1 vs 5.6 µs for the ``"dot"`` kernel, H100) and at 1:128; at
+  197 tokens ``"dot"`` with the tokens in ``M``, also at 1:128 (H100: W1 9.2 vs 10.8 µs for
+  ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
+  wide = out_features >= 2048
+  dense_ish = density is not None and density >= 1 / 2
   if tokens == 1:
-    few = 4 if out_features >= 2048 else 2
+    tilings = ((4, 512), (8, 256)) if wide else ((2, 1024), (4, 512))
+  elif tokens <= 4:
+    tilings = ((4, 256), (2, 512)) if wide else ((2, 512), (4, 512))
+    tilings = tilings[::-1] if wide and dense_ish else tilings
   else:
-    few = min(max(out_features // 256, 4), 32)
-  gather = tuple(
-    SpmmConfig("gather", bo, max(2048 // (bo * block_t), 8), block_t, 4, 2) for bo in (few, 2 * few)
-  )
-  if tokens <= 8:
+    tilings = ((8, 128), (4, 256))
+  gather = tuple(SpmmConfig("gather", bo, bk, block_t, 4, 2) for bo, bk in tilings)
+  if tokens == 1 and dense_ish:
+    select = SpmmConfig("select", 4, 256, 1, 4, 2)
+    gather = (select, *gather) if wide else (*gather, select)
+  if tokens <= 4:
     return gather
   dots = _dot_configs(tokens, out_features, density)
+  gather_t = _gather_t_configs(tokens, out_features, density)
+  if tokens <= 8:
+    return _lead_few_tokens((*dots, *gather, *gather_t), wide, density)
   if tokens <= 32:
     dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
-  gather_t = _gather_t_configs(tokens, out_features, density)
   if density is not None and (
     (density <= 1 / 64 and tokens <= 32)
     or (tokens * density < 1 and not (out_features >= 2048 and tokens <= 16))
@@ -314,6 +363,50 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
   plgpu.store(
     o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], acc.T.astype(o_ref.dtype), mask=ok
   )
+
+
+def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
+  """One program: ``block_out`` outputs, all tokens (padded to ``block_t``), like
+  :func:`_gather_kernel`, but without loads that wait on the index: each step loads the ``m``
+  inputs of each of its groups (the same for every output, independent of the index) along with
+  the values and indices, and picks each kept weight's input with a select chain over ``j <
+  m``."""
+  row0 = pl.program_id(0) * block_out
+  per_row = v_ref.shape[1]
+  groups = block_k // n
+  steps = per_row // block_k
+  t = jnp.minimum(jnp.arange(block_t, dtype=jnp.int32), tokens - 1)
+  t2 = jnp.broadcast_to(t[None, :], (groups, block_t))
+  g = jnp.arange(groups, dtype=jnp.int32)[:, None]
+
+  def load(i):  # step i's kept weights (n arrays of (block_out, groups) each) and inputs
+    c0 = pl.multiple_of(i * block_k, block_k)
+    cols = [pl.ds(c0 + q, groups, stride=n) if n > 1 else pl.ds(c0, groups) for q in range(n)]
+    values = [v_ref[pl.ds(row0, block_out), c].astype(jnp.float32) for c in cols]
+    index = [i_ref[pl.ds(row0, block_out), c].astype(jnp.int32) for c in cols]
+    k0 = i * groups * m
+    inputs = [
+      x_ref[t2, jnp.broadcast_to(k0 + g * m + j, (groups, block_t))].astype(jnp.float32)
+      for j in range(m)
+    ]
+    return (*values, *index, *inputs)
+
+  def body(_, acc, *loaded):
+    values, index, inputs = loaded[:n], loaded[n : 2 * n], loaded[2 * n :]
+    for v, idx in zip(values, index):
+      idx3 = idx[:, :, None]
+      picked = jnp.zeros((block_out, groups, block_t), jnp.float32)
+      for j, xj in enumerate(inputs):
+        picked = jnp.where(idx3 == j, xj[None, :, :], picked)
+      acc = acc + v[:, :, None] * picked
+    return acc
+
+  acc = jnp.zeros((block_out, groups, block_t), jnp.float32)
+  acc = _prefetched_loop(steps, load, body, acc)
+  y = jnp.sum(acc, axis=1)  # (block_out, block_t)
+  t_out = jnp.arange(block_t, dtype=jnp.int32)
+  ok = jnp.broadcast_to((t_out < tokens)[:, None], (block_t, block_out))
+  plgpu.store(o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], y.T.astype(o_ref.dtype), mask=ok)
 
 
 def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, block_t, split_k):
@@ -440,11 +533,17 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
     if value < 1 or value & (value - 1):
       raise ValueError(f"SpmmConfig.{name}={value} is not a power of two")
   block_out = _pow2_dividing(c.out_features, config.block_out)
-  if config.variant in ("gather", "gather_t"):  # block_k counts compressed columns
+  if config.variant in ("gather", "select", "gather_t"):  # block_k counts compressed columns
     per_row = c.values.shape[1]
     block_k = _pow2_dividing(per_row, config.block_k)
+    if config.variant == "select":  # whole groups per step
+      if block_k % c.n:
+        raise ValueError(
+          f"the 'select' N:M kernel needs n={c.n} to divide a step of {block_k} compressed "
+          f"columns (n a power of two, or a row of whole groups)"
+        )
     config = config._replace(block_out=block_out, block_k=block_k, tokens_in_m=False)
-    if config.variant == "gather":  # all tokens in one program, no split
+    if config.variant in ("gather", "select"):  # all tokens in one program, no split
       return config._replace(block_t=_pow2_at_least(tokens), split_k=1)
     return config._replace(
       block_t=min(config.block_t, _pow2_at_least(tokens)),
@@ -473,8 +572,9 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
     block_t=config.block_t,
   )  # fmt: skip
   out_shape = jax.ShapeDtypeStruct((tokens, out_features), x.dtype)
-  if config.variant == "gather":
-    kernel = functools.partial(_gather_kernel, **kwargs)
+  if config.variant in ("gather", "select"):
+    body = _gather_kernel if config.variant == "gather" else _select_kernel
+    kernel = functools.partial(body, **kwargs)
     grid = (out_features // config.block_out,)
   elif config.variant == "gather_t":
     del kwargs["tokens"]
