@@ -105,6 +105,10 @@ def test_configs():
   assert candidate_configs(4, 4096)[0] == SpmmConfig("gather", 4, 256, 4, 4, 2)
   assert candidate_configs(4, 4096, 1 / 2)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
   assert candidate_configs(3, 1024)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  # ... and the token-tiled gather for few kept weights on narrow outputs (first from 3 tokens).
+  assert candidate_configs(3, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
+  assert candidate_configs(2, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 2, 2, 2)
+  assert {c.variant for c in candidate_configs(4, 4096, 1 / 32)} == {"gather"}
   # At one token the select chain for dense patterns: first on wide outputs, last on narrow.
   assert candidate_configs(1, 4096, 1 / 2)[0] == SpmmConfig("select", 4, 256, 1, 4, 2)
   assert candidate_configs(1, 1024, 1 / 2)[2] == SpmmConfig("select", 4, 256, 1, 4, 2)

@@ -249,7 +249,9 @@ def candidate_configs(
     ``"select"`` (4 x 256), first for ``O >= 2048``;
   * 2 to 4 tokens: ``"gather"`` with about 1K compressed columns per program and step: 4 x 256
     and 2 x 512 for ``O >= 2048`` (2 x 512 first for ``density >= 1/2``), 2 x 512 and 4 x 512
-    below;
+    below; for ``O < 2048`` and ``density <= 1/32`` also ``"gather_t"`` (4 outputs x 16
+    columns, 2 warps), first from 3 tokens on (W2 1:32 at 4 tokens: 4.0 vs 5.4 µs; at 1:128
+    3.1-3.4 against 3.3);
   * 5 to 8 tokens: the candidates of the next two items, ``"gather"`` with 8 x 128 and 4 x 256,
     the one measured fastest for the output width and density first
     (:func:`_lead_few_tokens`);
@@ -287,6 +289,9 @@ def candidate_configs(
     select = SpmmConfig("select", 4, 256, 1, 4, 2)
     gather = (select, *gather) if wide else (*gather, select)
   if tokens <= 4:
+    if tokens > 1 and not wide and density is not None and density <= 1 / 32:
+      token_tiled = SpmmConfig("gather_t", 4, 16, block_t, 2, 2)
+      return (token_tiled, *gather) if tokens > 2 else (*gather, token_tiled)
     return gather
   dots = _dot_configs(tokens, out_features, density)
   gather_t = _gather_t_configs(tokens, out_features, density)
