@@ -182,6 +182,21 @@ def test_configs():
   assert default_config(16, c) == candidate_configs(16, 16, 1 / 128)[0]
 
 
+def test_default_config_skips_candidates_that_do_not_apply():
+  # 3:6 at one token on wide outputs: "select" leads for density 1/2 but needs whole groups per
+  # (power-of-two) step; at 8 and 16 tokens the tensor-core kernels need m a power of two.
+  w = _nm_weight(jax.random.key(4), 96, 2048, 3, 6, jnp.float32)
+  c = compress(w, 3, 6)
+  assert candidate_configs(1, 2048, 1 / 2)[0].variant == "select"
+  for tokens, variant in ((1, "gather"), (8, "gather"), (16, "gather")):
+    config = default_config(tokens, c)
+    assert config.variant == variant, (tokens, config)
+  x = jax.random.normal(jax.random.key(5), (8, 96))
+  assert _relerr(nm_matmul(x, c, interpret=True), w, x) < 1e-5
+  with pytest.raises(ValueError, match="'dot' N:M kernel needs m a power of two"):
+    nm_matmul(x, c, config=candidate_configs(8, 2048, 1 / 2)[0], interpret=True)
+
+
 def test_nm_matmul_errors():
   c = compress(jnp.ones((16, 4)), 1, 4)
   with pytest.raises(ValueError, match="last axis must be K=16"):

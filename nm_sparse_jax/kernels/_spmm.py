@@ -309,10 +309,22 @@ def candidate_configs(
 
 def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
   """The configuration :func:`nm_matmul` uses when given none: the first of
-  :func:`candidate_configs` for ``c``'s pattern, which won in most cases of the GPU
-  measurements (BENCHMARKS.md).
+  :func:`candidate_configs` for ``c``'s pattern that applies to it, which won in most cases of
+  the GPU measurements (BENCHMARKS.md). The tensor-core kernels need ``m`` a power of two and
+  ``"select"`` whole groups per step; the gather kernels take any pattern.
+
+  >>> from nm_sparse_jax.export import compress
+  >>> default_config(16, compress(jnp.ones((96, 16)), 3, 6)).variant  # m = 6: no "dot"
+  'gather'
   """
-  return candidate_configs(tokens, c.out_features, c.n / c.m)[0]
+  configs = candidate_configs(tokens, c.out_features, c.n / c.m)
+  for config in configs:
+    try:
+      _check_config(config, c, tokens)
+    except ValueError:
+      continue
+    return config
+  raise ValueError(f"no N:M kernel configuration applies to {c.n}:{c.m} at {tokens} tokens")
 
 
 def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k):
