@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--shapes", default=",".join(SHAPES), help="KxO kernel shapes (in x out)")
   parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
   parser.add_argument("--patterns", default=",".join(PATTERNS))
-  default_paths = [p for p in PATHS if (gpu or p != "nm") and (kernels_available() or p != "nm")]
+  default_paths = [p for p in PATHS if p != "nm" or (gpu and kernels_available())]
   parser.add_argument("--paths", default=",".join(default_paths))
   parser.add_argument("--copies", type=int, default=32, help="distinct operand copies per call")
   parser.add_argument("--reps", type=int, default=20)

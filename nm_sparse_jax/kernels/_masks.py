@@ -410,7 +410,8 @@ def nm_mask_pallas(
     n, m: the pattern; ``m`` a power of two dividing the axis; static.
     axis: the contraction axis or adjacent axes (flattened row-major); static.
     interpret: Pallas interpret mode; default: when the default backend is not a GPU.
-    config: layout of a program (default :func:`default_mask_config` for ``m`` and the dtype).
+    config: layout of a program (default :func:`default_mask_config` for the pattern and the
+      dtype).
 
   Raises:
     ValueError: a bad pattern or axis, an unsupported dtype or ``m``, or ``m`` does not divide

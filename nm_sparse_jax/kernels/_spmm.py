@@ -375,11 +375,16 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
     return acc + jnp.sum(v[:, :, None] * xg, axis=1)
 
   acc = _prefetched_loop(steps, load, body, jnp.zeros((block_out, block_t), jnp.float32))
-  t_out = jnp.arange(block_t, dtype=jnp.int32)
-  ok = jnp.broadcast_to((t_out < tokens)[:, None], (block_t, block_out))
-  plgpu.store(
-    o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], acc.T.astype(o_ref.dtype), mask=ok
-  )
+  _store_outputs(o_ref, acc, row0, tokens)
+
+
+def _store_outputs(o_ref, y, row0, tokens):
+  """Writes ``y`` ``(block_out, block_t)`` (outputs from ``row0``, all tokens padded to
+  ``block_t``) to ``o_ref[:tokens, row0:row0 + block_out]``, the padding tokens masked."""
+  block_out, block_t = y.shape
+  t = jnp.arange(block_t, dtype=jnp.int32)
+  ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_out))
+  plgpu.store(o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], y.T.astype(o_ref.dtype), mask=ok)
 
 
 def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
@@ -420,10 +425,7 @@ def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
 
   acc = jnp.zeros((block_out, groups, block_t), jnp.float32)
   acc = _prefetched_loop(steps, load, body, acc)
-  y = jnp.sum(acc, axis=1)  # (block_out, block_t)
-  t_out = jnp.arange(block_t, dtype=jnp.int32)
-  ok = jnp.broadcast_to((t_out < tokens)[:, None], (block_t, block_out))
-  plgpu.store(o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], y.T.astype(o_ref.dtype), mask=ok)
+  _store_outputs(o_ref, jnp.sum(acc, axis=1), row0, tokens)
 
 
 def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, block_t, split_k):
