@@ -61,6 +61,19 @@ def test_profile_clusters_split_at_gaps_and_group_by_kernel():
   assert _per_candidate([], 1, calls=1, gap_s=0.005) is None
 
 
+def test_profile_clusters_drop_the_l2_flushes():
+  # Two candidates, 2 calls each, every call after a flush, all separated by idle gaps.
+  ev, ts = [], 0.0
+  for name in ("gemm", "gemm", "nm_matmul", "nm_matmul"):
+    ev.append(dict(name="loop_add_fusion", ts=ts, dur=90.0))
+    ev.append(dict(name=name, ts=ts + 10_000.0, dur=5.0 if name == "gemm" else 3.0))
+    ts += 20_000.0
+  times = _per_candidate(ev, 2, calls=2, gap_s=0.005, flushed=True)
+  assert times == [pytest.approx({"gemm": 5e-6}), pytest.approx({"nm_matmul": 3e-6})]
+  assert _per_candidate(ev, 2, calls=2, gap_s=0.005) is None  # 8 clusters, not 2
+  assert _per_candidate(ev[:-1], 2, calls=2, gap_s=0.005, flushed=True) is None
+
+
 def test_mask_benchmark_saves_each_record_as_it_goes(tmp_path):
   # A run cut short (here by a bad second pattern) keeps the records measured before it.
   out = tmp_path / "masks.json"

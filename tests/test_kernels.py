@@ -42,6 +42,9 @@ SPMM = [
   # (K, O, n, m, T, config)
   (128, 32, 1, 16, 3, SpmmConfig("gather", 16, 64, 4)),  # block_k clamped to the 8 per row
   (128, 16, 2, 8, 1, SpmmConfig("gather", 8, 32, 1, num_warps=2)),
+  # Token tiles over programs: one token per program; two, the last tile padded; 2 steps.
+  (128, 32, 1, 16, 3, SpmmConfig("gather", 16, 8, 1, 8)),
+  (256, 16, 1, 8, 5, SpmmConfig("gather", 8, 16, 2)),
   # The inputs picked by a select chain: one step, several steps, tokens, m up to 16.
   (128, 16, 2, 4, 1, SpmmConfig("select", 4, 64, 1)),
   (256, 32, 1, 8, 3, SpmmConfig("select", 8, 8, 4, num_warps=2)),  # 4 steps, 3 of 4 tokens
@@ -105,8 +108,8 @@ def test_configs():
   assert candidate_configs(4, 4096)[0] == SpmmConfig("gather", 4, 256, 4, 4, 2)
   assert candidate_configs(4, 4096, 1 / 2)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
   assert candidate_configs(3, 1024)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
-  # ... and the token-tiled gather for few kept weights on narrow outputs (first from 3 tokens).
-  assert candidate_configs(3, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
+  # ... and the token-tiled gather for few kept weights on narrow outputs, after them.
+  assert candidate_configs(3, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
   assert candidate_configs(2, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 2, 2, 2)
   assert {c.variant for c in candidate_configs(4, 4096, 1 / 32)} == {"gather"}
   # At one token the select chain for dense patterns: first on wide outputs, last on narrow.
@@ -122,7 +125,8 @@ def test_configs():
   assert candidate_configs(6, 4096, 1 / 32)[0] == SpmmConfig("gather", 8, 128, 8, 4, 2)
   assert candidate_configs(8, 4096, 1 / 64)[0].variant == "gather_t"
   assert candidate_configs(8, 1024, 1 / 4)[0] == SpmmConfig("dot", 32, 256, 8, 4, 3, 4)
-  assert candidate_configs(8, 1024, 1 / 16)[0] == SpmmConfig("dot", 32, 128, 8, 4, 3, 8, True)
+  assert candidate_configs(8, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 8, 4, 3, 8, True)
+  assert candidate_configs(8, 1024, 1 / 16)[0] == SpmmConfig("gather", 2, 512, 2, 4, 2)
   assert candidate_configs(5, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 64, 8, 4, 2, 1)
   assert len(set(eight)) == len(eight) == len(candidate_configs(8, 4096, 1 / 32))
   # Above 32 tokens: the tokens in the matrix unit's M dimension, ~128 programs; the tiling by
@@ -179,7 +183,37 @@ def test_configs():
   assert candidate_configs(197, 1024, 1 / 256)[0].variant == "gather_t"  # tokens * density < 1
   assert candidate_configs(1, 4096, 1 / 128) == candidate_configs(1, 4096)
   c = compress(jnp.ones((4096, 16)), 1, 128)
-  assert default_config(16, c) == candidate_configs(16, 16, 1 / 128)[0]
+  assert default_config(16, c) == candidate_configs(16, 16, 1 / 128, 4096)[0]
+  assert default_config(16, c) == SpmmConfig("gather", 16, 32, 1, 8, 2)  # whole rows, K known
+
+
+def test_whole_row_candidates():
+  # With K known: C = K * density kept weights per output; one token per program and all C
+  # columns of 2048 // C outputs (8 warps) and 1024 // C (4 warps, first for C < 32).
+  assert candidate_configs(4, 4096, 1 / 32, 1024)[:2] == (
+    SpmmConfig("gather", 64, 32, 1, 8, 2),
+    SpmmConfig("gather", 32, 32, 1, 4, 2),
+  )
+  assert candidate_configs(4, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 16, 128, 1, 8, 2)
+  assert candidate_configs(8, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
+  assert candidate_configs(8, 1024, 1 / 128, 4096)[0] == SpmmConfig("gather", 64, 32, 1, 8, 2)
+  # They lead from 3 tokens on wide outputs, from 4 on narrow ones, up to 8 (16 for <= 1/64) ...
+  assert candidate_configs(3, 4096, 1 / 32, 1024)[0].block_t == 1
+  assert candidate_configs(3, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  assert candidate_configs(3, 1024, 1 / 32, 4096)[-3] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
+  assert candidate_configs(16, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
+  assert candidate_configs(16, 4096, 1 / 32, 1024)[0] == candidate_configs(16, 4096, 1 / 32)[0]
+  assert candidate_configs(16, 4096, 1 / 32, 1024)[-1] == SpmmConfig("gather", 32, 32, 1, 4, 2)
+  # ... and come last at one and two tokens; not for denser patterns nor past 16 tokens.
+  assert candidate_configs(1, 1024, 1 / 32, 4096)[0] == candidate_configs(1, 1024, 1 / 32)[0]
+  assert candidate_configs(2, 4096, 1 / 128, 1024)[-1] == SpmmConfig("gather", 256, 8, 1, 8, 2)
+  assert candidate_configs(4, 4096, 1 / 16, 1024) == candidate_configs(4, 4096, 1 / 16)
+  assert candidate_configs(32, 4096, 1 / 128, 1024) == candidate_configs(32, 4096, 1 / 128)
+  # Outputs at least 1 and at most O; steps of at most 1024 columns.
+  assert candidate_configs(4, 16, 1 / 128, 4096)[0] == SpmmConfig("gather", 16, 32, 1, 8, 2)
+  assert candidate_configs(4, 4096, 1 / 32, 1 << 20)[0] == SpmmConfig("gather", 2, 1024, 1, 8, 2)
+  c = compress(_nm_weight(jax.random.key(6), 1024, 64, 1, 32, jnp.float32), 1, 32)
+  assert default_config(4, c) == SpmmConfig("gather", 64, 32, 1, 8, 2)
 
 
 def test_default_config_skips_candidates_that_do_not_apply():
@@ -385,12 +419,14 @@ def test_use_mask_kernel_policy(monkeypatch):
 
 @needs_gpu
 @pytest.mark.parametrize("t", [1, 3, 8, 16, 197])
-@pytest.mark.parametrize("n, m, o", [(2, 4, 512), (1, 8, 512), (1, 128, 512), (1, 8, 4096)])
+@pytest.mark.parametrize(
+  "n, m, o", [(2, 4, 512), (1, 8, 512), (1, 16, 512), (1, 32, 4096), (1, 128, 512), (1, 8, 4096)]
+)
 def test_nm_matmul_on_gpu(t, n, m, o):
   w = _nm_weight(jax.random.key(t), 1024, o, n, m, jnp.bfloat16)
   x = jax.random.normal(jax.random.key(1), (t, 1024), jnp.float32).astype(jnp.bfloat16)
   c = compress(w, n, m)
-  for config in candidate_configs(t, o, n / m):
+  for config in candidate_configs(t, o, n / m, 1024):
     y = jax.jit(lambda x, c, config=config: nm_matmul(x, c, config=config))(x, c)
     err = _relerr(y.astype(jnp.float32), w.astype(jnp.float32), x.astype(jnp.float32))
     assert err < 1e-2, config

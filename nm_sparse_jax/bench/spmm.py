@@ -11,10 +11,14 @@ N:M pattern, ``y = x @ W`` (``x``: ``(T, K)``) is computed by every path side by
 
 Every result is checked against a float64 NumPy product of the same (bfloat16-representable)
 operands. Each timed call runs ``copies`` products on distinct operand copies inside one jitted
-executable (so the weights of a call exceed the L2 cache where they can). Per product, two times:
+executable. Per product, two times:
 
 * **GPU time** -- the kernel durations on the GPU streams in a ``jax.profiler`` trace
-  (:mod:`nm_sparse_jax.bench._profile`); the tables use it where the profiler gives it;
+  (:mod:`nm_sparse_jax.bench._profile`); the tables use it where the profiler gives it. Before
+  every timed call a 256 MB buffer is rewritten (not timed), so that each product reads its
+  weights from device memory, as a layer of a model does, even where the compressed copies of
+  a call would fit in L2 (32 copies of a 1:32 ViT-L FF kernel: 12 MB; H100 L2: 50 MB).
+  ``--warm-l2`` leaves that out (the times of earlier versions of this benchmark);
 * **wall time** -- the call's median over rounds that alternate the paths; it includes JAX's
   dispatch, several µs per custom call (Pallas, cuSPARSE), which dominates small products.
 
@@ -29,7 +33,7 @@ speedup over dense, and time(2:4) / time(N:M) per path (the paper's Table 19). B
 
     python -m nm_sparse_jax bench spmm [--shapes 1024x4096,4096x1024] [--tokens 1,16,197]
         [--patterns 2:4,1:4,1:8,1:16,1:32,1:128] [--paths dense,bcsr,nm] [--copies 32]
-        [--reps 20] [--json out.json] [--plot out.png] [--e2e] [--e2e-model vit-l]
+        [--reps 20] [--warm-l2] [--json out.json] [--plot out.png] [--e2e] [--e2e-model vit-l]
 
 On a CPU, ``dense`` and ``bcsr`` run with XLA's CPU lowerings (no cuSPARSE) and the N:M kernel
 only in Pallas interpret mode (an emulator: its times say nothing), so the default paths there are
@@ -52,7 +56,7 @@ import numpy as np
 from nm_sparse_jax import finalize, recipes
 from nm_sparse_jax import policy as policy_lib
 from nm_sparse_jax._masks import nm_mask, parse_nm
-from nm_sparse_jax.bench._profile import gpu_kernel_seconds, gpu_kernel_times
+from nm_sparse_jax.bench._profile import gpu_kernel_seconds, gpu_kernel_times, l2_flusher
 from nm_sparse_jax.bench._timing import device_description, interleaved_medians
 from nm_sparse_jax.export import bcsr_from_compressed, compress, export
 from nm_sparse_jax.kernels import SpmmConfig, candidate_configs, nm_matmul
@@ -173,12 +177,14 @@ def run_case(
   reps: int,
   ceilings: Ceilings | None,
   configs: Sequence[SpmmConfig] | None = None,
+  flush: Callable[[], object] | None = None,
 ) -> list[dict]:
   """One shape and token count: every path and pattern, checked, then timed interleaved.
 
   The ``nm`` path is timed with each of ``configs`` (default
   :func:`~nm_sparse_jax.kernels.candidate_configs` of the pattern); its record is the fastest
-  correct one, with every candidate's time under ``"candidates"``.
+  correct one, with every candidate's time under ``"candidates"``. ``flush`` (e.g.
+  :func:`~nm_sparse_jax.bench._profile.l2_flusher`) runs before every call of the GPU timing.
   """
   keys = jax.random.split(jax.random.key(k * 131 + o * 7 + t), 2 * copies)
   xs = [_x(kk, t, k) for kk in keys[:copies]]
@@ -205,7 +211,7 @@ def run_case(
       add("bcsr", text, [x.astype(jnp.float32) for x in xs], ws, ref)
     if "nm" in paths:
       ws = [_operands("nm", w, nm) for w in ws_dense]
-      for config in configs or candidate_configs(t, o, nm.n / nm.m):
+      for config in configs or candidate_configs(t, o, nm.n / nm.m, k):
         try:
           add("nm", text, xs, ws, ref, config)
         except Exception as e:  # a configuration the compiler rejects is reported, not fatal
@@ -214,7 +220,7 @@ def run_case(
     del ws_dense, ws
   runs = [run for _, run in candidates]
   wall = interleaved_medians(runs, reps=reps)
-  kernels = gpu_kernel_times(runs, calls=5)
+  kernels = gpu_kernel_times(runs, calls=5, flush=flush)
   for i, (record, _) in enumerate(candidates):
     record["wall_us"] = wall[i] / copies * 1e6
     # Where the GPU time goes: each kernel's share per product (e.g. an XLA reduction of split-K
@@ -464,6 +470,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
   parser.add_argument("--paths", default=",".join(default_paths))
   parser.add_argument("--copies", type=int, default=32, help="distinct operand copies per call")
   parser.add_argument("--reps", type=int, default=20)
+  parser.add_argument(
+    "--warm-l2", action="store_true", help="no L2 flush before the timed calls (GPU time)"
+  )
   parser.add_argument("--json", help="write every record to this file (after each case)")
   parser.add_argument("--plot", help="write a PNG of the speedups (needs matplotlib)")
   parser.add_argument("--no-kernels", action="store_true", help="skip the per-matmul table")
@@ -498,7 +507,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"{ceilings['matmul'] / 1e12:.0f} TFLOP/s",
       flush=True,
     )
-  result = {"device": device, "ceilings": ceilings, "records": [], "e2e": []}
+  result = {
+    "device": device,
+    "ceilings": ceilings,
+    "l2": "warm" if args.warm_l2 else "flushed before every timed call",
+    "records": [],
+    "e2e": [],
+  }
+  flush = l2_flusher() if gpu and not args.warm_l2 else None
 
   def save() -> None:
     if args.json:
@@ -519,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
           copies=args.copies,
           reps=args.reps,
           ceilings=ceilings,
+          flush=flush,
         )
         result["records"] += recs
         print(

@@ -7,9 +7,11 @@ With ``C = K*n/m`` kept weights per output and ``k(o, c) = (c // n)*m + index[o,
 Five kernels compute it, all reading only the compressed weight (``C*(2 + 1)`` bytes per output
 for bfloat16 values) and accumulating in float32:
 
-* ``"gather"`` (few tokens): each program owns ``block_out`` outputs and all tokens; it walks the
-  compressed columns ``block_k`` at a time, gathers ``x[t, k(o, c)]`` (``x`` is small and stays
-  in L1/L2) and multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work.
+* ``"gather"`` (few tokens): each program owns ``block_out`` outputs and ``block_t`` tokens (all
+  of them, or one per program for very sparse patterns); it walks the compressed columns
+  ``block_k`` at a time, gathers ``x[t, k(o, c)]`` (``x`` is small and stays in L1/L2) and
+  multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work. The weights, read once, are
+  loaded with an evict-first hint so that they do not push ``x`` out of L1.
 * ``"select"`` (one token, dense patterns): the same, but without a load that waits on the
   index: each step loads the ``m`` inputs of each of its groups along with the values and
   indices, and picks each kept weight's input with a select chain over the ``m`` positions
@@ -75,8 +77,8 @@ class SpmmConfig(NamedTuple):
     block_out: outputs per program.
     block_k: "gather", "select", "gather_t": compressed columns per step ("select": a
       multiple of ``n``); "dot", "dot_gather": dense inputs per step.
-    block_t: "gather_t", "dot", "dot_gather": tokens per program ("gather" and "select" take
-      all tokens).
+    block_t: tokens per program ("select" takes all tokens; for "gather" a value at least the
+      token count means all of them in one program).
     num_warps: warps per program.
     num_stages: software-pipelining depth of the loop over ``K``.
     split_k: "gather_t", "dot", "dot_gather": programs along ``K`` (float32 partial sums,
@@ -212,26 +214,52 @@ def _gather_t_configs(
   return first, second, eight_warps._replace(split_k=4)
 
 
+def _whole_rows(out_features: int, per_row: int, products: int, warps: int) -> SpmmConfig:
+  """``"gather"`` with one token per program and whole rows: all ``C = per_row`` compressed
+  columns (in steps of at most 1024) of ``products // C`` outputs (a power of two, 1 to ``O``)."""
+  block_k = min(_pow2_at_least(per_row), 1024)
+  block_out = max(min(products // min(per_row, block_k), out_features), 1)
+  return SpmmConfig("gather", 1 << (block_out.bit_length() - 1), block_k, 1, warps)
+
+
+def _rows_first(tokens: int, wide: bool, density: float) -> bool:
+  """Whether the whole-row ``"gather"`` (:func:`_whole_rows`) leads: for ``density <= 1/32`` from
+  3 tokens (``O >= 2048``) or 4 (narrower) up to 8, and up to 16 for ``density <= 1/64``."""
+  if tokens < (3 if wide else 4):
+    return False
+  return (density <= 1 / 32 and tokens <= 8) or (density <= 1 / 64 and tokens <= 16)
+
+
 def _lead_few_tokens(
-  configs: tuple[SpmmConfig, ...], wide: bool, density: float | None
+  configs: tuple[SpmmConfig, ...], wide: bool, density: float | None, rows: bool = False
 ) -> tuple[SpmmConfig, ...]:
   """5 to 8 tokens: ``configs`` with the one measured fastest first (H100, 8 tokens, µs of GPU
   time against the first candidate of the 16-token rules): for ``O >= 2048`` the split
   ``"dot"`` (32 outputs x 256 inputs) down to density 1/8 (2:4 8.7 vs 19.4, 1:8 5.8 vs 6.0),
   ``"gather"`` with 8 outputs x 128 columns down to 1/32 (1:32 4.2 vs 5.2), else
   ``"gather_t"``; for ``O < 2048`` the split ``"dot"`` down to 1/4 (2:4 12.5 vs 20.8), the
-  tokens-in-``M`` ``"dot"`` down to 1/16 (1:16 5.3 vs 5.8), else ``"gather_t"``."""
+  tokens-in-``M`` ``"dot"`` down to 1/8, ``"gather"`` with 2-token programs at 1/16 (W2 1:16
+  4.7 vs 5.4 for the ``"dot"`` in three runs, 4.9 vs 5.8 with the weights read from device
+  memory), else ``"gather_t"``. With ``rows`` the whole-row ``"gather"`` leads
+  (:func:`_rows_first`; weights from device memory: W1 1:32 3.9 vs 4.7 for ``"gather"`` 4 x 256,
+  1:128 2.6 vs 3.5 for ``"gather_t"``; W2 1:32 4.8 vs 5.4, 1:128 3.1 vs 3.7)."""
   d = 1.0 if density is None else density
-  if wide:
+  if rows:
+    want = "rows"
+  elif wide:
     want = "split dot" if d >= 1 / 8 else "gather" if d >= 1 / 32 else "gather_t"
+  elif d >= 1 / 4:
+    want = "split dot"
   else:
-    want = "split dot" if d >= 1 / 4 else "tokens in M" if d >= 1 / 16 else "gather_t"
+    want = "tokens in M" if d >= 1 / 8 else "token pairs" if d >= 1 / 16 else "gather_t"
 
   def matches(c: SpmmConfig) -> bool:
     if want == "split dot":
       return c.variant == "dot" and (c.block_out, c.block_k) == (32, 256) and c.split_k > 1
     if want == "tokens in M":
       return c.variant == "dot" and c.tokens_in_m
+    if want in ("rows", "token pairs"):
+      return c.variant == "gather" and c.block_t == (1 if want == "rows" else 2)
     return c.variant == want
 
   first = next((c for c in configs if matches(c)), configs[0])
@@ -239,22 +267,30 @@ def _lead_few_tokens(
 
 
 def candidate_configs(
-  tokens: int, out_features: int, density: float | None = None
+  tokens: int,
+  out_features: int,
+  density: float | None = None,
+  in_features: int | None = None,
 ) -> tuple[SpmmConfig, ...]:
   """A few configurations worth timing for ``tokens`` rows, ``out_features`` outputs and (where
-  known) the kept fraction ``density = n/m``, the default (:func:`default_config`) first.
+  known) the kept fraction ``density = n/m`` and ``in_features``, the default
+  (:func:`default_config`) first.
 
+  * whole rows: where ``in_features`` is known (``C = K*density`` kept weights per output) and
+    ``density <= 1/32``, up to 16 tokens: ``"gather"`` with one token per program and all ``C``
+    columns of ``2048 // C`` outputs (8 warps) and of ``1024 // C`` (4 warps; first for ``C <
+    32``) (:func:`_whole_rows`). They lead from 3 tokens (``O >= 2048``) or 4 (narrower) up to 8,
+    and up to 16 for ``density <= 1/64`` (:func:`_rows_first`); elsewhere they come last;
   * one token: ``"gather"`` with 4 outputs x 512 compressed columns for ``O >= 2048``, else 2 x
     1024 (whole rows in few steps), then twice the outputs; for ``density >= 1/2`` also
     ``"select"`` (4 x 256), first for ``O >= 2048``;
   * 2 to 4 tokens: ``"gather"`` with about 1K compressed columns per program and step: 4 x 256
     and 2 x 512 for ``O >= 2048`` (2 x 512 first for ``density >= 1/2``), 2 x 512 and 4 x 512
     below; for ``O < 2048`` and ``density <= 1/32`` also ``"gather_t"`` (4 outputs x 16
-    columns, 2 warps), first from 3 tokens on (W2 1:32 at 4 tokens: 4.0 vs 5.4 µs; at 1:128
-    3.1-3.4 against 3.3);
-  * 5 to 8 tokens: the candidates of the next two items, ``"gather"`` with 8 x 128 and 4 x 256,
-    the one measured fastest for the output width and density first
-    (:func:`_lead_few_tokens`);
+    columns, 2 warps), after them;
+  * 5 to 8 tokens: the candidates of the next two items, ``"gather"`` with 8 x 128 and 4 x 256
+    (and 2 x 512 with 2-token programs for ``O < 2048`` at density 1/16), the one measured
+    fastest for the output width and density first (:func:`_lead_few_tokens`);
   * more, when ``density <= 1/64`` with at most 32 tokens, or ``tokens * density < 1`` (few
     products per output) except for ``O >= 2048`` with at most 16 tokens (there the unsplit
     ``"dot"`` of :func:`_dot_configs` led at 1:32): ``"gather_t"`` first
@@ -268,15 +304,25 @@ def candidate_configs(
   vs 6.0, 1:4 3.5 vs 3.9, 1:8 2.8 vs 3.3; the chain of dependent loads per program is what
   costs), and ``"select"`` for W1 2:4 (4.5 vs 5.0, two runs); at 2 and 4 tokens about 1K
   columns per step against the earlier 2K gathered elements (4 tokens: W1 1:8 4.0 vs 6.6, 2:4
-  9.8 vs 22.2; W2 1:8 4.2 vs 5.0); at 8 tokens see :func:`_lead_few_tokens`; at 16 tokens ``"dot"``
-  (W1, unsplit from 1:4 to 1:32) or ``"dot_gather"`` / tokens-in-``M`` ``"dot"`` (W2) down to 1:16,
-  and ``"gather_t"`` from 1:32 on W2 (5.1 vs 5.6 µs for the ``"dot"`` kernel, H100) and at 1:128; at
-  197 tokens ``"dot"`` with the tokens in ``M``, also at 1:128 (H100: W1 9.2 vs 10.8 µs for
+  9.8 vs 22.2; W2 1:8 4.2 vs 5.0); whole rows with one token per program where few weights are
+  kept (H100, weights read from device memory: 4 tokens W1 1:32 3.2 vs 3.9, 1:128 2.5 vs 3.1,
+  W2 1:32 3.7 vs 4.9 for ``"gather_t"``; 3 tokens W1 1:32 3.0 vs 3.3, but W2 1:32 3.5 vs 3.2;
+  16 tokens at 1:128 W1 2.9 vs 3.7, W2 3.7 vs 4.3; at one and two tokens they lose, W1 1:32 2.7
+  vs 2.3 at one token); at 8 tokens see :func:`_lead_few_tokens`; at 16 tokens ``"dot"`` (W1,
+  unsplit from 1:4 to 1:32) or ``"dot_gather"`` / tokens-in-``M`` ``"dot"`` (W2) down to 1:16,
+  and ``"gather_t"`` at 1:32 on W2 (5.1 vs 5.6 µs for the ``"dot"`` kernel, H100); at 197
+  tokens ``"dot"`` with the tokens in ``M``, also at 1:128 (H100: W1 9.2 vs 10.8 µs for
   ``"gather_t"``, W2 11.5 vs 11.6).
   """
   block_t = _pow2_at_least(tokens)
   wide = out_features >= 2048
   dense_ish = density is not None and density >= 1 / 2
+  rows, lead = (), False
+  if in_features is not None and density is not None and density <= 1 / 32 and tokens <= 16:
+    per_row = max(round(in_features * density), 1)
+    rows = tuple(_whole_rows(out_features, per_row, p, w) for p, w in ((2048, 8), (1024, 4)))
+    rows = rows[::-1] if per_row < 32 else rows
+    lead = _rows_first(tokens, wide, density)
   if tokens == 1:
     tilings = ((4, 512), (8, 256)) if wide else ((2, 1024), (4, 512))
   elif tokens <= 4:
@@ -290,21 +336,24 @@ def candidate_configs(
     gather = (select, *gather) if wide else (*gather, select)
   if tokens <= 4:
     if tokens > 1 and not wide and density is not None and density <= 1 / 32:
-      token_tiled = SpmmConfig("gather_t", 4, 16, block_t, 2, 2)
-      return (token_tiled, *gather) if tokens > 2 else (*gather, token_tiled)
-    return gather
+      gather += (SpmmConfig("gather_t", 4, 16, block_t, 2, 2),)
+    return (*rows, *gather) if lead else (*gather, *rows)
   dots = _dot_configs(tokens, out_features, density)
   gather_t = _gather_t_configs(tokens, out_features, density)
   if tokens <= 8:
-    return _lead_few_tokens((*dots, *gather, *gather_t), wide, density)
+    if not wide and density is not None and 1 / 16 <= density < 1 / 8:
+      gather += (SpmmConfig("gather", 2, 512, 2, 4, 2),)
+    return _lead_few_tokens((*dots, *gather, *rows, *gather_t), wide, density, lead)
   if tokens <= 32:
     dots += (SpmmConfig("gather", 8, max(4096 // (8 * block_t), 8), block_t, 4, 2),)
   if density is not None and (
     (density <= 1 / 64 and tokens <= 32)
     or (tokens * density < 1 and not (out_features >= 2048 and tokens <= 16))
   ):
-    return (*gather_t, *dots)
-  return (*dots, *gather_t)
+    others = (*gather_t, *dots)
+  else:
+    others = (*dots, *gather_t)
+  return (*rows, *others) if lead else (*others, *rows)
 
 
 def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
@@ -317,7 +366,7 @@ def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
   >>> default_config(16, compress(jnp.ones((96, 16)), 3, 6)).variant  # m = 6: no "dot"
   'gather'
   """
-  configs = candidate_configs(tokens, c.out_features, c.n / c.m)
+  configs = candidate_configs(tokens, c.out_features, c.n / c.m, c.in_features)
   for config in configs:
     try:
       _check_config(config, c, tokens)
@@ -327,11 +376,14 @@ def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
   raise ValueError(f"no N:M kernel configuration applies to {c.n}:{c.m} at {tokens} tokens")
 
 
-def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k):
+def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k, evict=False):
   """The ``(block_out, block_k)`` kept weights from compressed column ``c0`` on (float32) and
-  the input ``k = (c // n)*m + index`` each one multiplies."""
-  v = v_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.float32)
-  j = i_ref[pl.ds(row0, block_out), pl.ds(c0, block_k)].astype(jnp.int32)
+  the input ``k = (c // n)*m + index`` each one multiplies; with ``evict``, loaded with an
+  evict-first hint (read once: leave L1 to the gathered inputs)."""
+  tile = (pl.ds(row0, block_out), pl.ds(c0, block_k))
+  policy = "evict_first" if evict else None
+  v = plgpu.load(v_ref.at[tile], eviction_policy=policy).astype(jnp.float32)
+  j = plgpu.load(i_ref.at[tile], eviction_policy=policy).astype(jnp.int32)
   c = c0 + jnp.arange(block_k, dtype=jnp.int32)
   return v, (c // n)[None, :] * m + j
 
@@ -358,16 +410,19 @@ def _prefetched_loop(steps, load, body, acc):
 
 
 def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
-  """One program: ``block_out`` outputs, all tokens (padded to ``block_t``)."""
+  """One program: ``block_out`` outputs by ``block_t`` tokens (the last tile padded)."""
   row0 = pl.program_id(0) * block_out
+  t0 = pl.program_id(1) * block_t
   per_row = v_ref.shape[1]
-  t = jnp.minimum(jnp.arange(block_t, dtype=jnp.int32), tokens - 1)
+  t = jnp.minimum(t0 + jnp.arange(block_t, dtype=jnp.int32), tokens - 1)
   t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
   steps = per_row // block_k
 
   def load(i):  # step i's kept weights
     c0 = pl.multiple_of(i * block_k, block_k)
-    return _kept_weights(v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k)
+    return _kept_weights(
+      v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k, evict=True
+    )
 
   def body(_, acc, v, k):
     k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
@@ -375,16 +430,17 @@ def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
     return acc + jnp.sum(v[:, :, None] * xg, axis=1)
 
   acc = _prefetched_loop(steps, load, body, jnp.zeros((block_out, block_t), jnp.float32))
-  _store_outputs(o_ref, acc, row0, tokens)
+  _store_outputs(o_ref, acc, row0, t0, tokens)
 
 
-def _store_outputs(o_ref, y, row0, tokens):
-  """Writes ``y`` ``(block_out, block_t)`` (outputs from ``row0``, all tokens padded to
-  ``block_t``) to ``o_ref[:tokens, row0:row0 + block_out]``, the padding tokens masked."""
+def _store_outputs(o_ref, y, row0, t0, tokens):
+  """Writes ``y`` ``(block_out, block_t)`` (outputs from ``row0``, tokens from ``t0``) to
+  ``o_ref[t0:t0 + block_t, row0:row0 + block_out]``, the tokens past ``tokens`` masked."""
   block_out, block_t = y.shape
-  t = jnp.arange(block_t, dtype=jnp.int32)
+  t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_out))
-  plgpu.store(o_ref.at[pl.ds(0, block_t), pl.ds(row0, block_out)], y.T.astype(o_ref.dtype), mask=ok)
+  tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
+  plgpu.store(o_ref.at[tile], y.T.astype(o_ref.dtype), mask=ok)
 
 
 def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
@@ -425,7 +481,7 @@ def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
 
   acc = jnp.zeros((block_out, groups, block_t), jnp.float32)
   acc = _prefetched_loop(steps, load, body, acc)
-  _store_outputs(o_ref, jnp.sum(acc, axis=1), row0, tokens)
+  _store_outputs(o_ref, jnp.sum(acc, axis=1), row0, 0, tokens)
 
 
 def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, block_t, split_k):
@@ -562,8 +618,10 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
           f"columns (n a power of two, or a row of whole groups)"
         )
     config = config._replace(block_out=block_out, block_k=block_k, tokens_in_m=False)
-    if config.variant in ("gather", "select"):  # all tokens in one program, no split
-      return config._replace(block_t=_pow2_at_least(tokens), split_k=1)
+    if config.variant in ("gather", "select"):  # no split; "select": all tokens in one program
+      all_tokens = _pow2_at_least(tokens)
+      block_t = all_tokens if config.variant == "select" else min(config.block_t, all_tokens)
+      return config._replace(block_t=block_t, split_k=1)
     return config._replace(
       block_t=min(config.block_t, _pow2_at_least(tokens)),
       split_k=_pow2_dividing(per_row // block_k, config.split_k),
@@ -594,7 +652,7 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
   if config.variant in ("gather", "select"):
     body = _gather_kernel if config.variant == "gather" else _select_kernel
     kernel = functools.partial(body, **kwargs)
-    grid = (out_features // config.block_out,)
+    grid = (out_features // config.block_out, _cdiv(tokens, config.block_t))
   elif config.variant == "gather_t":
     del kwargs["tokens"]
     kernel = functools.partial(_gather_t_kernel, split_k=config.split_k, **kwargs)
