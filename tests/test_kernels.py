@@ -197,13 +197,17 @@ def test_whole_row_candidates():
   assert candidate_configs(4, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 16, 128, 1, 8, 2)
   assert candidate_configs(8, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
   assert candidate_configs(8, 1024, 1 / 128, 4096)[0] == SpmmConfig("gather", 64, 32, 1, 8, 2)
-  # They lead from 3 tokens on wide outputs, from 4 on narrow ones, up to 8 (16 for <= 1/64) ...
+  # They lead from 3 tokens on wide outputs, from 4 on narrow ones, up to 8 (to 16 while T*O*C
+  # <= 2^20: ViT-L 1:128 and T5 1.1 base 1:32, not ViT-L 1:32) ...
   assert candidate_configs(3, 4096, 1 / 32, 1024)[0].block_t == 1
   assert candidate_configs(3, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
   assert candidate_configs(3, 1024, 1 / 32, 4096)[-3] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
   assert candidate_configs(16, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
   assert candidate_configs(16, 4096, 1 / 32, 1024)[0] == candidate_configs(16, 4096, 1 / 32)[0]
   assert candidate_configs(16, 4096, 1 / 32, 1024)[-1] == SpmmConfig("gather", 32, 32, 1, 4, 2)
+  assert candidate_configs(16, 2048, 1 / 32, 768)[0] == SpmmConfig("gather", 32, 32, 1, 4, 2)
+  assert candidate_configs(16, 768, 1 / 32, 2048)[0] == SpmmConfig("gather", 32, 64, 1, 8, 2)
+  assert candidate_configs(12, 1024, 1 / 32, 4096)[0].variant == "gather_t"  # 1.5 * 2^20
   # ... and come last at one and two tokens; not for denser patterns nor past 16 tokens.
   assert candidate_configs(1, 1024, 1 / 32, 4096)[0] == candidate_configs(1, 1024, 1 / 32)[0]
   assert candidate_configs(2, 4096, 1 / 128, 1024)[-1] == SpmmConfig("gather", 256, 8, 1, 8, 2)

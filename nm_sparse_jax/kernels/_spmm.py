@@ -222,12 +222,15 @@ def _whole_rows(out_features: int, per_row: int, products: int, warps: int) -> S
   return SpmmConfig("gather", 1 << (block_out.bit_length() - 1), block_k, 1, warps)
 
 
-def _rows_first(tokens: int, wide: bool, density: float) -> bool:
-  """Whether the whole-row ``"gather"`` (:func:`_whole_rows`) leads: for ``density <= 1/32`` from
-  3 tokens (``O >= 2048``) or 4 (narrower) up to 8, and up to 16 for ``density <= 1/64``."""
-  if tokens < (3 if wide else 4):
+def _rows_first(tokens: int, out_features: int, per_row: int) -> bool:
+  """Whether the whole-row ``"gather"`` (:func:`_whole_rows`, ``density <= 1/32``) leads: from 3
+  tokens (``O >= 2048``) or 4 (narrower) up to 8, and up to 16 while a call has at most 2^20
+  products ``T*O*C`` (H100, 16 tokens, µs with the weights from device memory: ViT-L W1 1:128
+  2.9 vs 3.7 and T5 768x2048 1:32 2.9 vs 4.1 led; ViT-L 1:32, 2^21 products, lost: W1 5.6 vs 5.0
+  for the unsplit ``"dot"``)."""
+  if tokens < (3 if out_features >= 2048 else 4) or tokens > 16:
     return False
-  return (density <= 1 / 32 and tokens <= 8) or (density <= 1 / 64 and tokens <= 16)
+  return tokens <= 8 or tokens * out_features * per_row <= 1 << 20
 
 
 def _lead_few_tokens(
@@ -280,7 +283,7 @@ def candidate_configs(
     ``density <= 1/32``, up to 16 tokens: ``"gather"`` with one token per program and all ``C``
     columns of ``2048 // C`` outputs (8 warps) and of ``1024 // C`` (4 warps; first for ``C <
     32``) (:func:`_whole_rows`). They lead from 3 tokens (``O >= 2048``) or 4 (narrower) up to 8,
-    and up to 16 for ``density <= 1/64`` (:func:`_rows_first`); elsewhere they come last;
+    and up to 16 with at most 2^20 products ``T*O*C`` (:func:`_rows_first`); else they come last;
   * one token: ``"gather"`` with 4 outputs x 512 compressed columns for ``O >= 2048``, else 2 x
     1024 (whole rows in few steps), then twice the outputs; for ``density >= 1/2`` also
     ``"select"`` (4 x 256), first for ``O >= 2048``;
@@ -322,7 +325,7 @@ def candidate_configs(
     per_row = max(round(in_features * density), 1)
     rows = tuple(_whole_rows(out_features, per_row, p, w) for p, w in ((2048, 8), (1024, 4)))
     rows = rows[::-1] if per_row < 32 else rows
-    lead = _rows_first(tokens, wide, density)
+    lead = _rows_first(tokens, out_features, per_row)
   if tokens == 1:
     tilings = ((4, 512), (8, 256)) if wide else ((2, 1024), (4, 512))
   elif tokens <= 4:
