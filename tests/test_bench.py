@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from nm_sparse_jax.bench import masks as bench_masks
+from nm_sparse_jax.bench import spmm as bench_spmm
 from nm_sparse_jax.bench import step as bench_step
 from nm_sparse_jax.bench._profile import _per_candidate
 
@@ -84,3 +85,23 @@ def test_mask_benchmark_saves_each_record_as_it_goes(tmp_path):
     )  # fmt: skip
   saved = json.loads(out.read_text())
   assert [r["pattern"] for r in saved["records"]] == ["2:4"] and saved["records"][0]["correct"]
+
+
+def test_spmm_table_marks_cases_timed_by_wall_clock():
+  # One case with GPU time, one whose trace did not split into the candidates (wall time only).
+  def record(t, path, pattern, us, timer):
+    speedup = 10.0 / us if path != "dense" else 1.0
+    return dict(shape="64x32", tokens=t, path=path, pattern=pattern, us=us, wall_us=us + 9,
+                ok=True, timer=timer, speedup_vs_dense=speedup, speedup_vs_2_4=None,
+                wall_speedup_vs_dense=None, wall_speedup_vs_2_4=None)  # fmt: skip
+
+  gpu = [record(1, "dense", "dense", 10.0, "gpu"), record(1, "nm", "1:8", 2.5, "gpu")]
+  wall = [record(4, "dense", "dense", 19.0, "wall"), record(4, "nm", "1:8", 12.0, "wall")]
+  mixed = bench_spmm.table(gpu + wall)
+  assert mixed.startswith("GPU kernel time (rows marked (wall): wall time, dispatch included)")
+  lines = mixed.splitlines()
+  assert any("nm (wall)" in line and "12.0" in line for line in lines)
+  assert not any("(wall)" in line and "2.5" in line for line in lines)
+  assert bench_spmm.table(gpu).startswith("GPU kernel time, us per product")
+  assert bench_spmm.table(wall).startswith("wall time (dispatch included), us per product")
+  assert bench_spmm.table(gpu + wall, "wall_us").startswith("wall time (dispatch included), us")

@@ -221,6 +221,8 @@ def run_case(
   runs = [run for _, run in candidates]
   wall = interleaved_medians(runs, reps=reps)
   kernels = gpu_kernel_times(runs, calls=5, flush=flush)
+  if kernels is None and jax.default_backend() == "gpu":
+    print(f"  {k}x{o} T={t}: the profiler trace did not split into the candidates: wall time")
   for i, (record, _) in enumerate(candidates):
     record["wall_us"] = wall[i] / copies * 1e6
     # Where the GPU time goes: each kernel's share per product (e.g. an XLA reduction of split-K
@@ -283,9 +285,12 @@ def _fmt(v: float | None, spec: str = ".1f") -> str:
 def table(records: Sequence[dict], key: str = "us") -> str:
   """µs per product (speedup vs dense) and time(2:4)/time(N:M), one row per shape, T and path.
 
-  ``key`` is ``"us"`` (GPU kernel time where measured, else wall) or ``"wall_us"``.
+  ``key`` is ``"us"`` (GPU kernel time where measured, else wall) or ``"wall_us"``. Where some
+  cases have GPU time and others only wall time (a profiler trace that did not split into the
+  candidates), the wall-time rows say so.
   """
   prefix = "wall_" if key == "wall_us" else ""
+  timers = {"wall"} if key == "wall_us" else {r["timer"] for r in records} or {"wall"}
   patterns = list(dict.fromkeys(r["pattern"] for r in records if r["path"] != "dense"))
   lines = []
   cases = list(dict.fromkeys((r["shape"], r["tokens"]) for r in records))
@@ -296,7 +301,8 @@ def table(records: Sequence[dict], key: str = "us") -> str:
     dense = next((r for r in case if r["path"] == "dense"), None)
     for path in dict.fromkeys(r["path"] for r in case if r["path"] != "dense"):
       cells = {r["pattern"]: r for r in case if r["path"] == path}
-      row = [shape, str(t), path, _fmt(dense and dense[key])]
+      wall_row = len(timers) > 1 and case[0]["timer"] == "wall"
+      row = [shape, str(t), path + " (wall)" * wall_row, _fmt(dense and dense[key])]
       ratio = [shape, str(t), path]
       for p in patterns:
         r = cells.get(p)
@@ -313,8 +319,9 @@ def table(records: Sequence[dict], key: str = "us") -> str:
         ratio.append(_fmt(r[f"{prefix}speedup_vs_2_4"], ".2f"))
       rows.append(row)
       ratio_rows.append(ratio)
-  timer = "wall" if key == "wall_us" else records[0]["timer"] if records else "wall"
-  what = "GPU kernel time" if timer == "gpu" else "wall time (dispatch included)"
+  what = "GPU kernel time" if "gpu" in timers else "wall time (dispatch included)"
+  if len(timers) > 1:
+    what += " (rows marked (wall): wall time, dispatch included)"
   for block, title in (
     (rows, f"{what}, us per product (speedup vs dense bf16)"),
     (ratio_rows, f"{what}: time(2:4) / time(N:M) (Table 19 form)"),
@@ -544,7 +551,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         save()  # after every case, so that a run cut short keeps what it measured
     print()
     print(table(result["records"]))
-    if result["records"] and result["records"][0]["timer"] == "gpu":
+    if any(r["timer"] == "gpu" for r in result["records"]):
       print(table(result["records"], "wall_us"))
   if args.e2e:
     result["e2e"] = end_to_end(
