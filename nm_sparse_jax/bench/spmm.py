@@ -514,14 +514,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
       f"{ceilings['matmul'] / 1e12:.0f} TFLOP/s",
       flush=True,
     )
+  flush = l2_flusher() if gpu and not args.warm_l2 else None
   result = {
     "device": device,
     "ceilings": ceilings,
-    "l2": "warm" if args.warm_l2 else "flushed before every timed call",
+    "l2": "flushed before every timed call" if flush else "not flushed",
     "records": [],
     "e2e": [],
   }
-  flush = l2_flusher() if gpu and not args.warm_l2 else None
 
   def save() -> None:
     if args.json:

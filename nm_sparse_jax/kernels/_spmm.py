@@ -391,6 +391,15 @@ def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k, evict=Fal
   return v, (c // n)[None, :] * m + j
 
 
+def _kept_by_position(v_ref, i_ref, row0, c0, *, n, block_out, groups):
+  """The values and indices of ``groups`` groups' kept weights from compressed column ``c0`` on,
+  by position in the group: two lists of ``n`` ``(block_out, groups)`` arrays, the ``q``-th
+  holding each group's ``q``-th kept weight (columns ``c0 + q``, stride ``n``)."""
+  rows = pl.ds(row0, block_out)
+  cols = [pl.ds(c0 + q, groups, stride=n) if n > 1 else pl.ds(c0, groups) for q in range(n)]
+  return [v_ref[rows, c] for c in cols], [i_ref[rows, c] for c in cols]
+
+
 def _prefetched_loop(steps, load, body, acc):
   """``acc = body(i, acc, *load(i))`` for ``i`` in ``range(steps)``, with step ``i+1``'s ``load``
   issued before step ``i``'s ``body``.
@@ -462,9 +471,11 @@ def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
 
   def load(i):  # step i's kept weights (n arrays of (block_out, groups) each) and inputs
     c0 = pl.multiple_of(i * block_k, block_k)
-    cols = [pl.ds(c0 + q, groups, stride=n) if n > 1 else pl.ds(c0, groups) for q in range(n)]
-    values = [v_ref[pl.ds(row0, block_out), c].astype(jnp.float32) for c in cols]
-    index = [i_ref[pl.ds(row0, block_out), c].astype(jnp.int32) for c in cols]
+    values, index = _kept_by_position(
+      v_ref, i_ref, row0, c0, n=n, block_out=block_out, groups=groups
+    )
+    values = [v.astype(jnp.float32) for v in values]
+    index = [j.astype(jnp.int32) for j in index]
     k0 = i * groups * m
     inputs = [
       x_ref[t2, jnp.broadcast_to(k0 + g * m + j, (groups, block_t))].astype(jnp.float32)
@@ -587,9 +598,10 @@ def _dot_kernel(
 
     def load(i):  # step i's kept weights
       c0 = pl.multiple_of((first + i) * block_c, block_c)
-      cols = [pl.ds(c0 + q, groups, stride=n) if n > 1 else pl.ds(c0, groups) for q in range(n)]
-      values = [v_ref[pl.ds(row0, block_out), c] for c in cols]
-      return (*values, *(i_ref[pl.ds(row0, block_out), c] for c in cols))
+      values, index = _kept_by_position(
+        v_ref, i_ref, row0, c0, n=n, block_out=block_out, groups=groups
+      )
+      return (*values, *index)
 
     def body(i, acc, *loaded):
       return accumulate(acc, _expand_broadcast(loaded[:n], loaded[n:], m), x_tile(first + i))
