@@ -14,6 +14,7 @@ from nm_sparse_jax import nm_mask
 from nm_sparse_jax.export import compress, decompress
 from nm_sparse_jax.kernels import (
   SpmmConfig,
+  _masks,
   candidate_configs,
   default_config,
   default_mask_config,
@@ -285,7 +286,18 @@ def test_mask_kernel_tilings_and_special_values(nm_reference):
   assert default_mask_config(128) == MaskConfig(32, 8, early_stop=True)
   assert default_mask_config(32, jnp.bfloat16) == MaskConfig(16, 64, packed=True)
   assert default_mask_config(128, jnp.float16) == MaskConfig(32, 32)
-  assert default_mask_config(128, jnp.bfloat16, n=16) == MaskConfig(16, 32, packed=True)
+  assert default_mask_config(128, jnp.bfloat16, n=16) == MaskConfig(
+    16, 32, packed=True, order_bounds=True
+  )
+  assert default_mask_config(32, jnp.bfloat16, n=4) == MaskConfig(
+    16, 64, packed=True, order_bounds=True
+  )
+  # Whole small groups per thread, wide programs; the n-th largest in-thread where n <= 8.
+  assert default_mask_config(4, jnp.bfloat16, n=2) == MaskConfig(4, 256, order_bounds=True)
+  assert default_mask_config(8, jnp.float16, n=1) == MaskConfig(8, 128)
+  assert default_mask_config(4, jnp.float32, n=2) == MaskConfig(4, 256, True, order_bounds=True)
+  assert default_mask_config(32, jnp.float32, n=4) == MaskConfig(32, 32, True, order_bounds=True)
+  assert default_mask_config(32, jnp.float32, n=16) == MaskConfig(32, 32, early_stop=True)
   assert default_mask_config(128, jnp.bfloat16, n=1) == MaskConfig(32, 32)
   assert default_mask_config(256, jnp.bfloat16, n=16) == MaskConfig(32, 32)
   assert default_mask_config(128, jnp.float32, n=16) == MaskConfig(32, 8, early_stop=True)
@@ -318,6 +330,47 @@ def test_mask_kernel_lower_bound_at_the_threshold(dtype, nm_reference):
       got = nm_mask_pallas(x, n, 32, axis=0, interpret=True, config=config)
       want = nm_reference(x.astype(jnp.float32), n, 32, 0)
       np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{n}:32 {config}")
+
+
+def test_rth_largest_and_order_bounds_match_numpy():
+  # The merge tree's r-th largest of a thread's elements, and the group bounds built from them,
+  # against NumPy: ties (a coarse grid), r from 1 to all of the elements.
+  rng = np.random.default_rng(0)
+  for size, r in ((1, 1), (2, 2), (5, 3), (8, 4), (16, 2), (16, 8), (32, 8)):
+    keys = rng.integers(0, 6, (size, 3, 7)).astype(np.int32)
+    got = _masks._rth_largest([jnp.asarray(k) for k in keys], r)
+    np.testing.assert_array_equal(np.asarray(got), -np.sort(-keys, axis=0)[r - 1])
+  for (n, m), chunks in itertools.product(((1, 8), (3, 8), (4, 8), (2, 32), (16, 128), (63, 64),
+                                           (9, 16), (16, 32)), (1, 2, 4, 8)):  # fmt: skip
+    if m % chunks:
+      continue
+    group = rng.integers(0, 40, (m, 5)).astype(np.int32)  # element q*sub + i: chunk q, array i
+    sub = m // chunks
+    keys = [jnp.asarray(group[i::sub]) for i in range(sub)]
+    lo, hi, exact = _masks._order_bounds(keys, n, chunks)
+    nth = -np.sort(-group, axis=0)[n - 1]
+    assert np.all(np.asarray(lo)[0] <= nth) and np.all(nth <= np.asarray(hi)[0]), (n, m, chunks)
+    assert exact == (chunks == 1 and n <= _masks._MAX_ORDER)
+    if exact:
+      np.testing.assert_array_equal(np.asarray(lo)[0], nth)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mask_kernel_order_bounds(dtype, nm_reference):
+  # Bisection from the parts' order statistics, with and without the early stop and packed
+  # words, on tied values, all-equal columns and normally distributed ones; whole groups per
+  # thread (exact: no bisection) and chunks.
+  normal = jax.random.normal(jax.random.key(13), (128, 8))
+  tied = _tied(jax.random.key(14), (128, 8), jnp.float32)
+  x = jnp.concatenate([normal, tied, jnp.full((128, 2), 0.5)], axis=1).astype(dtype)
+  patterns = ((2, 8), (4, 8), (8, 16), (2, 32), (16, 32), (8, 64), (16, 128), (100, 128))
+  configs = (MaskConfig(16, 32, order_bounds=True), MaskConfig(8, 4, True, order_bounds=True),
+             MaskConfig(16, 32, packed=True, order_bounds=True),
+             MaskConfig(128, 2, order_bounds=True))  # fmt: skip
+  for (n, m), config in itertools.product(patterns, configs):
+    got = nm_mask_pallas(x, n, m, axis=0, interpret=True, config=config)
+    want = nm_reference(x.astype(jnp.float32), n, m, 0)
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{n}:{m} {config}")
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
@@ -406,13 +459,13 @@ def test_use_mask_kernel_policy(monkeypatch):
   monkeypatch.setenv(MASK_KERNEL_ENV, "auto")
   assert use_mask_kernel(x, 16, 128, (0,)) and use_mask_kernel(x16, 8, 64, (0,))
   assert use_mask_kernel(x, 2, 32, (0,)) and use_mask_kernel(x16, 31, 32, (0,))
-  assert use_mask_kernel(x, 4, 8, (0,)) and use_mask_kernel(x16, 3, 16, (0,))  # n > 1, m >= 8
-  assert use_mask_kernel(x, 1, 4, (0,)) and use_mask_kernel(x16, 1, 128, (0,))  # n = 1, m >= 4
-  assert not use_mask_kernel(x, 2, 4, (0,)) and not use_mask_kernel(x16, 3, 4, (0,))  # XLA
-  assert not use_mask_kernel(x, 1, 2, (0,))
+  assert use_mask_kernel(x, 4, 8, (0,)) and use_mask_kernel(x16, 3, 16, (0,))
+  assert use_mask_kernel(x, 1, 4, (0,)) and use_mask_kernel(x16, 1, 128, (0,))
+  assert use_mask_kernel(x, 2, 4, (0,)) and use_mask_kernel(x16, 3, 4, (0,))
+  assert use_mask_kernel(x, 1, 2, (0,))
   assert not use_mask_kernel(jnp.ones((96, 4)), 16, 96, (0,))  # m not a power of two
   assert not use_mask_kernel(jnp.ones((2048, 4)), 16, 2048, (0,))  # m above 1024
-  wide = jax.ShapeDtypeStruct((8, 65536 * 64), jnp.float32)  # 131072 blocks of 32 columns
+  wide = jax.ShapeDtypeStruct((8, 65536 * 256), jnp.float32)  # 131072 blocks of 128 columns
   assert not use_mask_kernel(wide, 1, 8, (0,)) and use_mask_kernel(wide, 1, 8, (1,))
   assert mask_kernel_applies(wide, 1, 8, (0,))  # nm_mask_pallas takes it with a larger block
   monkeypatch.setenv(MASK_KERNEL_ENV, "1")
@@ -486,6 +539,23 @@ def test_mask_kernel_on_gpu_packed_program_of_1024_threads(nm_reference):
   for n in (1, 100):
     got = jax.jit(lambda v, n=n: nm_mask_pallas(v, n, 512, config=config))(x)
     np.testing.assert_array_equal(np.asarray(got), nm_reference(x.astype(jnp.float32), n, 512, 0))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_mask_kernel_on_gpu_order_bounds(dtype, nm_reference):
+  # Compiled: the bisection from the parts' order statistics, whole groups per thread (no
+  # bisection) and chunks, on normally distributed and on tied values (side by side).
+  normal = jax.random.normal(jax.random.key(15), (256, 32))
+  tied = _tied(jax.random.key(16), (256, 32), jnp.float32)
+  x = jnp.concatenate([normal, tied], axis=1).astype(dtype)
+  for n, m in ((4, 8), (2, 32), (8, 64), (16, 128), (100, 256)):
+    base = default_mask_config(m, dtype, n)._replace(order_bounds=True)
+    configs = {base, base._replace(early_stop=False), MaskConfig(32, 16, order_bounds=True)}
+    for config in configs:
+      got = jax.jit(lambda v, c=config, n=n, m=m: nm_mask_pallas(v, n, m, config=c))(x)
+      want = nm_reference(x.astype(jnp.float32), n, m, 0)
+      np.testing.assert_array_equal(np.asarray(got), want, err_msg=f"{n}:{m} {config}")
 
 
 @needs_gpu

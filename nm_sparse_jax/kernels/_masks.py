@@ -21,16 +21,22 @@ set exactly where ``key >= mid`` and never borrows from the other lane.
 For each group:
 
 1. ``theta``, the ``n``-th largest key: for ``n = 1`` the largest key; otherwise by interval
-   bisection, starting from ``[lo, max key]`` of the group and halving the interval with one
-   comparison and one count over the group per step, ``bit_length(max - lo)`` steps (the
-   program's widest group). ``lo`` is the largest minimum over parts of at least ``n`` of a
-   thread's elements (at least ``n`` keys are ``>= lo``), or the group's minimum where a thread
-   holds fewer than ``n`` (and, with the early stop, for ``n < 8``). With
-   ``early_stop`` a group with exactly ``n`` keys ``>= mid`` is resolved at ``mid``, and the loop
-   ends once every group of the program is;
+   bisection, halving the interval with one comparison and one count over the group per step,
+   ``bit_length(hi - lo)`` steps (the program's widest group). With ``MaskConfig.order_bounds``
+   (the default for 16-bit floats with ``m <= 128`` and for float32 groups held whole by a
+   thread with ``n <= 8``) the interval is ``[min a, max a]`` over the parts' ``r``-th largest
+   keys ``a`` (a part: a thread's elements, or a slice of them; ``r = ceil(n / parts)``;
+   :func:`_order_bounds`); where a thread holds a whole group that is the ``n``-th largest
+   itself and there is no bisection. Otherwise ``[lo, max key]``, ``lo`` the largest minimum
+   over parts of at least ``n`` of a thread's elements (at least ``n`` keys are ``>= lo``), or
+   the group's minimum where a thread holds fewer than ``n`` (and, with the early stop, for
+   ``n < 8``). With ``early_stop`` a group with exactly ``n`` keys ``>= mid`` is resolved at
+   ``mid``, and the loop ends once every group of the program is;
 2. ``need = n - #(key > theta)`` ties are still to keep: the ``need`` lowest-index elements with
    ``key == theta``, ranked by the ties in earlier chunks (an exclusive prefix sum over the
-   chunks) plus the ties before them in their own chunk.
+   chunks) plus the ties before them in their own chunk. With packed words both lanes' flags,
+   counts and ranks are computed in the words, as the bisection counts
+   (:func:`_store_keep_packed`).
 
 ``keep = key > theta  or  (key == theta  and  rank <= need)``. The cost is at most ``bits + 2``
 counts per element, the same for every ``n > 1`` (16:128 as cheap as 2:128); memory traffic is
@@ -68,6 +74,8 @@ _MAX_THREADS = 1024
 _MAX_COLUMN_BLOCKS = 65535  # the grid's second dimension (CUDA's y)
 # With early_stop, the part-minimum lower bound is used from this n on (see _lower_bound).
 _EARLY_STOP_BOUND_MIN_N = 8
+# With MaskConfig.order_bounds, parts are split until their order statistic is at most this.
+_MAX_ORDER = 8
 
 
 class MaskConfig(NamedTuple):
@@ -86,12 +94,15 @@ class MaskConfig(NamedTuple):
     packed: for 16-bit floats, hold two adjacent columns in one 32-bit word and count both
       groups' keys with one subtraction (``block_c`` columns are ``block_c / 2`` words, one per
       thread); ignored for float32.
+    order_bounds: start the bisection from order statistics of parts of the group
+      (:func:`_order_bounds`) instead of ``[part minimum, max key]``.
   """
 
   sub: int = 32
   block_c: int = 32
   early_stop: bool = False
   packed: bool = False
+  order_bounds: bool = False
 
 
 def default_mask_config(
@@ -99,36 +110,44 @@ def default_mask_config(
 ) -> MaskConfig:
   """The layout measured fastest for ``n:m`` groups in ``dtype`` (H100, BENCHMARKS.md).
 
-  * float32 (31-bit keys), with ``early_stop``: whole groups per thread up to ``m = 32``
-    (32 columns per program); 16 elements per thread in 4 chunks x 8 columns for ``m = 64``;
-    32 per thread, chunks x 8 columns from ``m = 128`` on;
-  * 16-bit floats (15-bit keys), no early stop: ``m <= 8`` whole groups, 64 columns (two per
-    thread); ``m = 16`` whole groups, 32 columns; ``m = 32`` and ``m = 64`` two columns per word
-    (``packed``), chunks of 16, 64 columns (32 words); ``m = 128`` with ``n > 1`` packed too,
-    chunks of 16 x 32 columns (16 words; 8 chunks per group); otherwise chunks of 32 x 32
-    columns (one warp per chunk).
+  * float32 (31-bit keys), with ``early_stop``: whole groups per thread up to ``m = 32`` (256
+    columns per program for ``m <= 4``, 128 for ``m = 8, 16``, 32 for ``m = 32``); 16 elements
+    per thread in 4 chunks x 8 columns for ``m = 64``; 32 per thread, chunks x 8 columns from
+    ``m = 128`` on; ``order_bounds`` where a thread holds a whole group and ``n <= 8`` (the
+    ``n``-th largest in-thread, no bisection);
+  * 16-bit floats (15-bit keys), no early stop, ``order_bounds`` for ``n > 1`` up to ``m =
+    128``: ``m <= 16`` whole groups, 256 columns for ``m <= 4``, 128 for ``m = 8, 16``; ``m =
+    32`` and ``m = 64`` two columns per word (``packed``), chunks of 16, 64 columns (32 words);
+    ``m = 128`` with ``n > 1`` packed too, chunks of 16 x 32 columns (16 words; 8 chunks per
+    group); otherwise chunks of 32 x 32 columns (one warp per chunk).
 
-  GPU time against one multiply of the same arrays: float32 (768x2048) 4:32 1.14x, 8:64 1.17x,
-  16:128 1.42x; bfloat16 (768x2048 / 4096x1024) 4:32 1.23x / 1.26x, 8:64 1.33x / 1.38x. Packed
-  words against one column per thread (bfloat16, 768x2048, side by side, before the
-  part-minimum bound of the module docstring): 4:32 1.35x vs 1.49x, 8:64 1.40x vs 1.66x. At
-  ``m = 128`` packed words pay only in chunks of 16 (bfloat16 16:128, 768x2048 / 2048x768 /
-  4096x1024: 1.49x / 1.57x / 1.55x against 1.57x / 1.61x / 1.70x for chunks of 32 unpacked; a
-  second run on the T5 shapes 1.52x / 1.59x against 1.59x / 1.62x); for ``n = 1`` (no
-  bisection) they lose (1:128 1.00x / 1.07x against 0.96x / 1.00x).
+  GPU time against one multiply of the same arrays, T5 1.1 base and ViT-L FF kernels: every
+  pattern from 1:2 to 16:128 at most 1.47x; bfloat16 16:128 1.34x-1.47x, 8:64 1.20x-1.24x, 4:32
+  1.16x-1.18x; float32 16:128 1.14x-1.47x; 2:4 0.69x-0.72x (bfloat16) and 0.48x-0.55x (float32).
+  Side by side: the order bounds against ``[part minimum, max key]`` (bfloat16, with the packed
+  keep flags) 16:128 1.34x-1.48x against 1.55x-1.60x, 4:32 1.13x against 1.29x; 256 columns
+  against 64 for 2:4 in bfloat16 0.69x-0.72x against 1.04x-1.13x. Packed words pay at ``m =
+  128`` only in chunks of 16, and not for ``n = 1`` (no bisection: 1:128 1.00x / 1.07x against
+  0.96x / 1.00x, before the packed keep flags).
 
   >>> default_mask_config(32, jnp.bfloat16)
-  MaskConfig(sub=16, block_c=64, early_stop=False, packed=True)
+  MaskConfig(sub=16, block_c=64, early_stop=False, packed=True, order_bounds=False)
+  >>> default_mask_config(4, jnp.bfloat16, n=2)
+  MaskConfig(sub=4, block_c=256, early_stop=False, packed=False, order_bounds=True)
   """
   if jnp.dtype(dtype).itemsize == 4:
     sub, block_c = (m, 32) if m <= 32 else (16, 8) if m == 64 else (32, 8)
-    return MaskConfig(sub, block_c, early_stop=True)
+    if m <= 16:
+      block_c = 256 if m <= 4 else 128
+    exact = m <= 32 and n is not None and 1 < n <= _MAX_ORDER  # the n-th largest in-thread
+    return MaskConfig(sub, block_c, early_stop=True, order_bounds=exact)
+  order = n is not None and n > 1 and m <= 128
   if m <= 16:
-    return MaskConfig(m, 64 if m <= 8 else 32)
+    return MaskConfig(m, 256 if m <= 4 else 128, order_bounds=order)
   if m <= 64:
-    return MaskConfig(16, 64, packed=True)
+    return MaskConfig(16, 64, packed=True, order_bounds=order)
   if m == 128 and n is not None and n > 1:
-    return MaskConfig(16, 32, packed=True)
+    return MaskConfig(16, 32, packed=True, order_bounds=True)
   return MaskConfig(32, 32)
 
 
@@ -158,13 +177,13 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
   * unset or ``0`` (default): never. The kernel is written for Pallas's Triton backend, which
     JAX 0.11 deprecates (lowering it raises a ``DeprecationWarning``), and a Pallas call is not
     partitioned by XLA's SPMD partitioner (under ``pjit`` it would gather sharded kernels);
-  * ``auto``: with a single device, where the kernel applies and was measured faster than XLA
-    in GPU time (H100, T5 1.1 base and ViT-L FF kernels, BENCHMARKS.md): for ``n = 1`` from
-    ``m = 4`` on (the largest key, no bisection: 1:4 1.05x-1.15x of a multiply against
-    1.17x-1.57x, 1:16 0.5x-0.8x against 1.2x-1.8x, 1:128 0.9x-1.0x against 1.25x-2.3x) and for
-    ``n > 1`` from ``m = 8`` on (4:8 0.7x-1.2x against 0.9x-1.4x, a tie on 2048x768; 2:32
-    0.8x-1.4x against 2.2x-3.6x; 16:128 1.2x-1.8x against 10x-28x). XLA keeps ``m <= 2`` and
-    ``n > 1`` with ``m = 4`` (2:4: XLA 0.6x-0.9x, the kernel 1.2x-1.3x);
+  * ``auto``: with a single device, wherever the kernel applies: it measured faster than XLA
+    in GPU time for every pattern from 1:2 to 16:128 (H100, T5 1.1 base and ViT-L FF kernels,
+    side by side, BENCHMARKS.md), as a fraction of one multiply of the same arrays: 2:4
+    0.69x-0.72x against 0.85x-0.90x (bfloat16) and 0.48x-0.55x against 0.57x-0.59x (float32);
+    1:2 0.54x-0.87x against 1.05x-1.16x; 1:4 0.47x-0.70x against 1.15x-1.55x; 4:8 0.48x-0.67x
+    against 0.92x-1.37x; 2:32 0.56x-1.16x against 2.2x-3.6x; 16:128 1.14x-1.47x against
+    10x-28x;
   * ``1``: wherever it applies (:func:`nm_mask_pallas` raises an ``ImportError`` where this JAX
     lacks Pallas's Triton backend).
 
@@ -180,7 +199,7 @@ def use_mask_kernel(x: jax.Array, n: int, m: int, axes: Sequence[int]) -> bool:
     return True
   if not available():
     return False
-  return jax.device_count() == 1 and m >= (4 if n == 1 else 8)
+  return jax.device_count() == 1
 
 
 def _tree(values, op):
@@ -262,6 +281,63 @@ def _lower_bound(keys, n, chunks, early_stop):
   return _group(minima, jnp.maximum, jnp.max, chunks)
 
 
+def _merge_largest(a, b, r):
+  """The ``r`` largest of the union of two descending lists of arrays (elementwise), descending:
+  the ``k``-th is ``max over i + j = k of min(a_i, b_j)``, with ``a_0 = b_0 = +inf``."""
+  merged = []
+  for k in range(1, min(r, len(a) + len(b)) + 1):
+    terms = []
+    for i in range(max(0, k - len(b)), min(k, len(a)) + 1):
+      j = k - i
+      terms.append(b[j - 1] if i == 0 else a[i - 1] if j == 0 else jnp.minimum(a[i - 1], b[j - 1]))
+    merged.append(_tree(terms, jnp.maximum))
+  return merged
+
+
+def _rth_largest(keys, r):
+  """The ``r``-th largest of a list of arrays, elementwise (``r <= len(keys)``), by a tree of
+  merges of descending lists cut at ``r`` (``r**2`` min/max per merge at most)."""
+  lists = [[k] for k in keys]
+  while len(lists) > 1:
+    pairs = [_merge_largest(lists[i], lists[i + 1], r) for i in range(0, len(lists) - 1, 2)]
+    lists = pairs + lists[len(pairs) * 2 :]
+  return lists[0][r - 1]
+
+
+def _order_bounds(keys, n, chunks):
+  """``(lo, hi, exact)``: each group's ``n``-th largest key lies in ``[lo, hi]``.
+
+  Cut the group into ``k`` parts (the ``chunks`` threads' elements, each thread's split in ``p``)
+  and take each part's ``r``-th largest key ``a``, ``r = ceil(n / k)``. Every part has at least
+  ``r`` keys ``>= a`` and at most ``r - 1`` keys ``> a``, so at least ``k r >= n`` keys are
+  ``>= min a`` and at most ``k (r - 1) < n`` are ``> max a``: ``lo = min a``, ``hi = max a``.
+  ``p`` is the smallest power of two with ``r <= 8`` (the merges cost ``r**2``). With one part
+  (``exact``) the bound is the ``n``-th largest itself and no bisection is needed.
+
+  For normally distributed bfloat16 weights, 16:128 in 8 chunks of 16 (``r = 2``) leaves 8
+  bisection steps where ``[part minimum, max key]`` leaves 10 (the mean over 200 programs of 32
+  groups, computed with NumPy); 4:8 in whole groups none.
+
+  One group of 8 in 2 chunks (threads holding 5, 1, 9, 7 and 3, 8, 2, 6), 3:8: the chunks'
+  second largest keys are 7 and 6, and the third largest of the group, 7, lies in ``[6, 7]``.
+
+  >>> keys = [jnp.array([[a], [b]]) for a, b in ((5, 3), (1, 8), (9, 2), (7, 6))]
+  >>> lo, hi, exact = _order_bounds(keys, 3, 2)
+  >>> int(lo[0, 0]), int(hi[0, 0]), exact
+  (6, 7, False)
+  """
+  sub = len(keys)
+  parts = 1
+  while -(-n // (chunks * parts)) > _MAX_ORDER and parts < sub:
+    parts *= 2
+  r = -(-n // (chunks * parts))
+  size = sub // parts
+  stats = [_rth_largest(keys[j : j + size], r) for j in range(0, sub, size)]
+  lo = _group(stats, jnp.minimum, jnp.min, chunks)
+  hi = _group(stats, jnp.maximum, jnp.max, chunks)
+  return lo, hi, chunks == 1 and parts == 1
+
+
 def _store_keep(keys, theta, n, chunks, store):
   """``keep = key > theta  or  (key == theta  and  rank <= need)`` for one lane's ``sub``
   arrays of keys, written with ``store(i, flags)``."""
@@ -277,7 +353,38 @@ def _store_keep(keys, theta, n, chunks, store):
     store(i, (k > theta) | ((tie > 0) & (rank <= need)))
 
 
-def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_stop, packed):
+def _store_keep_packed(biased, theta, n, chunks, store):
+  """:func:`_store_keep` for two 16-bit lanes per word, counted as in the bisection.
+
+  ``biased``: the words with bit 15 of each lane set (``0x8000 + key``); ``theta``: the two
+  lanes' thresholds. Per lane, bit 15 of ``0x8000 + key - theta`` is ``key >= theta``, of
+  ``0x8000 + key - (theta + 1)`` is ``key > theta``, and of ``0x8000 + need - rank`` is ``rank <=
+  need``; no field leaves its lane (``theta + 1 <= 0x8000``, counts at most ``m``), so both
+  lanes' flags, counts and ranks take one operation each, and ``keep`` has lane 0's flag in
+  bit 0 and lane 1's in bit 16. Written with ``store(i, keep)``.
+  """
+  u32 = jnp.uint32
+  lane_bits = u32(0x10001)
+  both = theta[0].astype(u32) | (theta[1].astype(u32) << 16)
+  above = both + lane_bits
+  at_least = [((b - both) >> 15) & lane_bits for b in biased]
+  greater = [((b - above) >> 15) & lane_bits for b in biased]
+  ties = [a - g for a, g in zip(at_least, greater)]
+  need = u32(n * 0x10001) - _group(greater, jnp.add, jnp.sum, chunks)  # >= 1 per lane
+  if chunks > 1:  # ties in the group's earlier chunks
+    per_chunk = _tree(ties, jnp.add)
+    rank = jnp.cumsum(per_chunk, axis=0) - per_chunk
+  else:
+    rank = jnp.zeros(both.shape, u32)
+  need = need | u32(0x80008000)
+  for i, (g, tie) in enumerate(zip(greater, ties)):
+    rank = rank + tie
+    store(i, g | (tie & ((need - rank) >> 15)))
+
+
+def _mask_kernel(
+  x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_stop, packed, order_bounds
+):
   chunks = m // sub
   row = pl.program_id(0)
   c0 = pl.multiple_of(pl.program_id(1) * block_c, block_c)  # words when packed
@@ -313,22 +420,30 @@ def _mask_kernel(x_ref, o_ref, *, n, m, sub, bits, key_dtype, block_c, early_sto
     def count(mid):
       return [_group([(k >= mid[0]).astype(jnp.int32) for k in lanes[0]], jnp.add, jnp.sum, chunks)]
 
-  kmax = [group_max(keys) for keys in lanes]
   if n == 1:  # the largest key; no bisection
-    theta = kmax
+    theta = [group_max(keys) for keys in lanes]
+  elif order_bounds:
+    bounds = [_order_bounds(keys, n, chunks) for keys in lanes]
+    lo, hi = [b[0] for b in bounds], [b[1] for b in bounds]
+    theta = lo if bounds[0][2] else _nth_largest(lo, hi, count, n, early_stop)
   else:
     lo = [_lower_bound(keys, n, chunks, early_stop) for keys in lanes]
-    theta = _nth_largest(lo, kmax, count, n, early_stop)
-  for lane, keys in enumerate(lanes):
-    if packed:
-      cols = pl.ds(2 * c0 + lane, block_c, stride=2)
-    else:
-      cols = pl.ds(c0, block_c)
+    hi = [group_max(keys) for keys in lanes]
+    theta = _nth_largest(lo, hi, count, n, early_stop)
+  if packed:
 
-    def store(i, flags, cols=cols):
-      o_ref[row, rows(i), cols] = flags
+    def store_both(i, keep):
+      for lane in (0, 1):
+        cols = pl.ds(2 * c0 + lane, block_c, stride=2)
+        o_ref[row, rows(i), cols] = ((keep >> (16 * lane)) & jnp.uint32(1)) != 0
 
-    _store_keep(keys, theta[lane], n, chunks, store)
+    _store_keep_packed(biased, theta, n, chunks, store_both)
+  else:
+
+    def store(i, flags):
+      o_ref[row, rows(i), pl.ds(c0, block_c)] = flags
+
+    _store_keep(lanes[0], theta[0], n, chunks, store)
 
 
 def _block_c(config: MaskConfig, cols: int) -> int:
@@ -378,7 +493,7 @@ def _mask(x, *, n, m, axes, interpret, config):
     x3 = jax.lax.bitcast_convert_type(x3.reshape(rows, m, post // 2, 2), jnp.uint32)
   kernel = functools.partial(
     _mask_kernel, n=n, m=m, sub=sub, bits=bits, key_dtype=key_dtype, block_c=block_c,
-    early_stop=config.early_stop, packed=packed,
+    early_stop=config.early_stop, packed=packed, order_bounds=config.order_bounds,
   )  # fmt: skip
   out = pl.pallas_call(
     kernel,
