@@ -135,18 +135,21 @@ def default_mask_config(
   >>> default_mask_config(4, jnp.bfloat16, n=2)
   MaskConfig(sub=4, block_c=256, early_stop=False, packed=False, order_bounds=True)
   """
+  # Small groups held whole by a thread: wide programs (both dtypes, BENCHMARKS.md).
+  small_group_columns = 256 if m <= 4 else 128
   if jnp.dtype(dtype).itemsize == 4:
-    sub, block_c = (m, 32) if m <= 32 else (16, 8) if m == 64 else (32, 8)
     if m <= 16:
-      block_c = 256 if m <= 4 else 128
+      sub, block_c = m, small_group_columns
+    else:
+      sub, block_c = (m, 32) if m <= 32 else (16, 8) if m == 64 else (32, 8)
     exact = m <= 32 and n is not None and 1 < n <= _MAX_ORDER  # the n-th largest in-thread
     return MaskConfig(sub, block_c, early_stop=True, order_bounds=exact)
   order = n is not None and n > 1 and m <= 128
   if m <= 16:
-    return MaskConfig(m, 256 if m <= 4 else 128, order_bounds=order)
+    return MaskConfig(m, small_group_columns, order_bounds=order)
   if m <= 64:
     return MaskConfig(16, 64, packed=True, order_bounds=order)
-  if m == 128 and n is not None and n > 1:
+  if m == 128 and order:
     return MaskConfig(16, 32, packed=True, order_bounds=True)
   return MaskConfig(32, 32)
 
