@@ -1,5 +1,6 @@
 """The Pallas kernels against NumPy: on a CPU in Pallas interpret mode, compiled on a GPU."""
 
+import functools
 import itertools
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from nm_sparse_jax.kernels import (
   use_mask_kernel,
 )
 from nm_sparse_jax.kernels._masks import MASK_KERNEL_ENV, MaskConfig, mask_kernel_applies
+from nm_sparse_jax.kernels._spmm import _check_config
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas Triton kernels need a GPU")
@@ -37,6 +39,13 @@ def _nm_weight(key, k, o, n, m, dtype):
 def _relerr(y, w, x):
   ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   return np.linalg.norm(np.asarray(y, np.float64) - ref) / np.linalg.norm(ref)
+
+
+def _rest(*args):
+  """:func:`candidate_configs` after the outputs-on-lanes ``"gather"`` that leads where it
+  applies (:func:`test_outputs_on_lanes_candidates`)."""
+  configs = candidate_configs(*args)
+  return configs[1:] if configs[0].outputs_on_lanes else configs
 
 
 SPMM = [
@@ -68,6 +77,16 @@ SPMM = [
   (256, 16, 2, 4, 5, SpmmConfig("gather_t", 16, 8, 4, split_k=4)),
   (96, 8, 1, 12, 1, SpmmConfig("gather_t", 8, 64, 16, split_k=2)),  # m not a power of two
   (128, 16, 3, 8, 33, SpmmConfig("gather_t", 4, 16, 32, split_k=2)),  # C=48: block_k -> 16
+  # The outputs on the lanes: whole rows, steps, token pairs with the last one padded, n > 1,
+  # m not a power of two.
+  (256, 64, 1, 32, 3, SpmmConfig("gather", 16, 8, 1, outputs_on_lanes=True)),
+  (256, 64, 1, 8, 5, SpmmConfig("gather", 8, 8, 2, 2, outputs_on_lanes=True)),
+  (256, 32, 2, 4, 4, SpmmConfig("gather", 4, 64, 2, outputs_on_lanes=True)),
+  (96, 16, 1, 12, 1, SpmmConfig("gather", 16, 4, 1, 8, outputs_on_lanes=True)),
+  # ... and steps that do not divide the row (the last one masked): 24 and 6 columns per row.
+  (96, 16, 1, 4, 3, SpmmConfig("gather", 8, 16, 2, outputs_on_lanes=True)),
+  (96, 16, 2, 8, 2, SpmmConfig("gather", 4, 16, 2, 2, outputs_on_lanes=True)),
+  (192, 32, 1, 32, 5, SpmmConfig("gather", 16, 8, 1, outputs_on_lanes=True)),
 ]
 
 
@@ -100,125 +119,154 @@ def test_nm_matmul_reference_matches_decompressed_product():
 
 
 def test_configs():
-  assert default_config(1, compress(jnp.ones((16, 4096)), 1, 4)) == candidate_configs(1, 4096)[0]
-  assert {c.variant for c in candidate_configs(4, 1024)} == {"gather"}
+  c = compress(jnp.ones((16, 4096)), 1, 4)
+  assert default_config(1, c) == candidate_configs(1, 4096, 1 / 4, 16)[0]
+  assert {c.variant for c in _rest(4, 1024)} == {"gather"}
   # One token: few outputs per program, long steps (2 x 1024 or 4 x 512 compressed columns).
-  assert candidate_configs(1, 1024)[0] == SpmmConfig("gather", 2, 1024, 1, 4, 2)
-  assert candidate_configs(1, 4096)[0] == SpmmConfig("gather", 4, 512, 1, 4, 2)
+  assert _rest(1, 1024)[0] == SpmmConfig("gather", 2, 1024, 1, 4, 2)
+  assert _rest(1, 4096)[0] == SpmmConfig("gather", 4, 512, 1, 4, 2)
   # 2 to 4 tokens: about 1K compressed columns per program and step.
-  assert candidate_configs(4, 4096)[0] == SpmmConfig("gather", 4, 256, 4, 4, 2)
-  assert candidate_configs(4, 4096, 1 / 2)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
-  assert candidate_configs(3, 1024)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  assert _rest(4, 4096)[0] == SpmmConfig("gather", 4, 256, 4, 4, 2)
+  assert _rest(4, 4096, 1 / 2)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  assert _rest(3, 1024)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
   # ... and the token-tiled gather for few kept weights on narrow outputs, after them.
-  assert candidate_configs(3, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
-  assert candidate_configs(2, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 2, 2, 2)
-  assert {c.variant for c in candidate_configs(4, 4096, 1 / 32)} == {"gather"}
+  assert _rest(3, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
+  assert _rest(2, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 2, 2, 2)
+  assert {c.variant for c in _rest(4, 4096, 1 / 32)} == {"gather"}
   # At one token the select chain for dense patterns: first on wide outputs, last on narrow.
-  assert candidate_configs(1, 4096, 1 / 2)[0] == SpmmConfig("select", 4, 256, 1, 4, 2)
-  assert candidate_configs(1, 1024, 1 / 2)[2] == SpmmConfig("select", 4, 256, 1, 4, 2)
-  assert "select" not in {c.variant for c in candidate_configs(1, 4096, 1 / 4)}
+  assert _rest(1, 4096, 1 / 2)[0] == SpmmConfig("select", 4, 256, 1, 4, 2)
+  assert _rest(1, 1024, 1 / 2)[2] == SpmmConfig("select", 4, 256, 1, 4, 2)
+  assert "select" not in {c.variant for c in _rest(1, 4096, 1 / 4)}
   # 5 to 8 tokens: the 16-token candidates (with 8-token tiles) and two gather tilings, the one
   # measured fastest for the width and density first.
-  eight = candidate_configs(8, 4096, 1 / 8)
+  eight = _rest(8, 4096, 1 / 8)
   assert {c.variant for c in eight} == {"dot", "dot_gather", "gather", "gather_t"}
   assert SpmmConfig("gather", 8, 128, 8, 4, 2) in eight and all(c.block_t == 8 for c in eight)
   assert eight[0] == SpmmConfig("dot", 32, 256, 8, 4, 3, 4)
-  assert candidate_configs(6, 4096, 1 / 32)[0] == SpmmConfig("gather", 8, 128, 8, 4, 2)
-  assert candidate_configs(8, 4096, 1 / 64)[0].variant == "gather_t"
-  assert candidate_configs(8, 1024, 1 / 4)[0] == SpmmConfig("dot", 32, 256, 8, 4, 3, 4)
-  assert candidate_configs(8, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 8, 4, 3, 8, True)
-  assert candidate_configs(8, 1024, 1 / 16)[0] == SpmmConfig("gather", 2, 512, 2, 4, 2)
-  assert candidate_configs(5, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 64, 8, 4, 2, 1)
-  assert len(set(eight)) == len(eight) == len(candidate_configs(8, 4096, 1 / 32))
+  assert _rest(6, 4096, 1 / 32)[0] == SpmmConfig("gather", 8, 128, 8, 4, 2)
+  assert _rest(8, 4096, 1 / 64)[0].variant == "gather_t"
+  assert _rest(8, 1024, 1 / 4)[0] == SpmmConfig("dot", 32, 256, 8, 4, 3, 4)
+  assert _rest(8, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 8, 4, 3, 8, True)
+  assert _rest(8, 1024, 1 / 16)[0] == SpmmConfig("gather", 2, 512, 2, 4, 2)
+  assert _rest(5, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 64, 8, 4, 2, 1)
+  assert len(set(eight)) == len(eight) == len(_rest(8, 4096, 1 / 32))
   # Above 32 tokens: the tokens in the matrix unit's M dimension, ~128 programs; the tiling by
   # density; the outputs-in-M tiling third.
-  assert candidate_configs(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1, True)
-  assert candidate_configs(197, 4096)[1] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1, True)
-  assert candidate_configs(197, 4096)[2] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
-  assert candidate_configs(197, 4096, 1 / 4)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1, True)
-  assert candidate_configs(197, 4096, 1 / 2)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
-  assert candidate_configs(197, 1024, 1 / 2)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
-  assert len(candidate_configs(197, 1024, 1 / 2)) == len(candidate_configs(197, 1024, 1 / 8))
-  assert candidate_configs(197, 1024, 1 / 32)[0] == SpmmConfig("dot", 64, 128, 128, 8, 4, 4, True)
-  assert candidate_configs(197, 1024, 1 / 16)[0] == SpmmConfig("dot", 64, 64, 256, 4, 3, 8, True)
-  assert candidate_configs(197, 1024, 1 / 4)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8, True)
-  assert candidate_configs(197, 1024, 1 / 16)[2] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
-  assert candidate_configs(4096, 1024)[0] == SpmmConfig("dot", 64, 128, 128, 8, 4, 1, True)
-  assert candidate_configs(64, 4096, 1 / 8)[0] == SpmmConfig("dot", 64, 128, 64, 8, 3, 2, True)
+  assert _rest(197, 4096)[0] == SpmmConfig("dot", 64, 128, 128, 8, 3, 1, True)
+  assert _rest(197, 4096)[1] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1, True)
+  assert _rest(197, 4096)[2] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  assert _rest(197, 4096, 1 / 4)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1, True)
+  assert _rest(197, 4096, 1 / 2)[0] == SpmmConfig("dot", 32, 128, 256, 8, 3, 1)
+  assert _rest(197, 1024, 1 / 2)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
+  assert len(_rest(197, 1024, 1 / 2)) == len(_rest(197, 1024, 1 / 8))
+  assert _rest(197, 1024, 1 / 32)[0] == SpmmConfig("dot", 64, 128, 128, 8, 4, 4, True)
+  assert _rest(197, 1024, 1 / 16)[0] == SpmmConfig("dot", 64, 64, 256, 4, 3, 8, True)
+  assert _rest(197, 1024, 1 / 4)[0] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8, True)
+  assert _rest(197, 1024, 1 / 16)[2] == SpmmConfig("dot", 64, 64, 256, 8, 3, 8)
+  assert _rest(4096, 1024)[0] == SpmmConfig("dot", 64, 128, 128, 8, 4, 1, True)
+  assert _rest(64, 4096, 1 / 8)[0] == SpmmConfig("dot", 64, 128, 64, 8, 3, 2, True)
   # Up to 32 tokens: ~512 programs; the gathered tile first on narrow outputs and for 2:4.
-  assert candidate_configs(16, 1024)[0] == SpmmConfig("dot_gather", 16, 128, 16, 4, 3, 8)
-  assert candidate_configs(16, 1024)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
+  assert _rest(16, 1024)[0] == SpmmConfig("dot_gather", 16, 128, 16, 4, 3, 8)
+  assert _rest(16, 1024)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
   # ... except from 1:8 on narrow outputs: the tokens in M first.
-  assert candidate_configs(16, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 16, 4, 3, 8, True)
-  assert candidate_configs(16, 1024, 1 / 4)[0].variant == "dot_gather"
+  assert _rest(16, 1024, 1 / 8)[0] == SpmmConfig("dot", 32, 128, 16, 4, 3, 8, True)
+  assert _rest(16, 1024, 1 / 4)[0].variant == "dot_gather"
   # Wide outputs, at most 16 tokens, density <= 1/4: an unsplit dot first, then the split one.
-  assert candidate_configs(16, 4096, 1 / 8)[0] == SpmmConfig("dot", 16, 256, 16, 2, 3, 1)
-  assert candidate_configs(16, 4096, 1 / 8)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
-  assert candidate_configs(16, 4096, 1 / 8)[2] == SpmmConfig("dot_gather", 16, 256, 16, 4, 3, 2)
-  assert candidate_configs(16, 4096, 1 / 4)[0] == SpmmConfig("dot", 16, 256, 16, 4, 2, 1)
-  assert candidate_configs(16, 4096, 1 / 16)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 1)
-  assert candidate_configs(8 + 1, 4096, 1 / 32)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 1)
-  assert candidate_configs(32, 4096, 1 / 8)[0] == SpmmConfig("dot", 32, 256, 32, 4, 3, 4)
-  assert candidate_configs(16, 4096, 1 / 2)[0].variant == "dot_gather"
-  variants = {c.variant for c in candidate_configs(16, 4096, 1 / 8)}
+  assert _rest(16, 4096, 1 / 8)[0] == SpmmConfig("dot", 16, 256, 16, 2, 3, 1)
+  assert _rest(16, 4096, 1 / 8)[1] == SpmmConfig("dot", 32, 256, 16, 4, 3, 4)
+  assert _rest(16, 4096, 1 / 8)[2] == SpmmConfig("dot_gather", 16, 256, 16, 4, 3, 2)
+  assert _rest(16, 4096, 1 / 4)[0] == SpmmConfig("dot", 16, 256, 16, 4, 2, 1)
+  assert _rest(16, 4096, 1 / 16)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 1)
+  assert _rest(8 + 1, 4096, 1 / 32)[0] == SpmmConfig("dot", 32, 256, 16, 4, 3, 1)
+  assert _rest(32, 4096, 1 / 8)[0] == SpmmConfig("dot", 32, 256, 32, 4, 3, 4)
+  assert _rest(16, 4096, 1 / 2)[0].variant == "dot_gather"
+  variants = {c.variant for c in _rest(16, 4096, 1 / 8)}
   assert variants == {"dot", "dot_gather", "gather", "gather_t"}
   # Few kept weights per output: the token-tiled gather first, the dot kernels still tried.
   # Up to 16 tokens: wide outputs 16 x 32 with 8 warps; narrow ones 4 x 32 with 4 warps first
   # down to density 1/64, the 8-warp tiling first below.
-  assert candidate_configs(16, 4096, 1 / 32)[4] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
-  assert candidate_configs(16, 4096, 1 / 32)[5] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
-  assert candidate_configs(16, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
-  assert candidate_configs(32, 4096, 1 / 64)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
-  assert candidate_configs(32, 4096, 1 / 64)[2] == SpmmConfig("gather_t", 16, 16, 32, 8, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
-  assert candidate_configs(12, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 128)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
-  assert candidate_configs(16, 1024, 1 / 128)[1] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
-  assert candidate_configs(197, 4096, 1 / 128)[0].variant == "dot"  # gather_t only up to 32
-  assert candidate_configs(197, 4096, 1 / 128)[3] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
-  assert candidate_configs(197, 1024, 1 / 128)[3] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)
-  assert candidate_configs(197, 4096, 1 / 32)[0].variant == "dot"
-  assert candidate_configs(16, 1024, 1 / 128)[0].variant == "gather_t"
-  assert candidate_configs(197, 1024, 1 / 256)[0].variant == "gather_t"  # tokens * density < 1
-  assert candidate_configs(1, 4096, 1 / 128) == candidate_configs(1, 4096)
+  assert _rest(16, 4096, 1 / 32)[4] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert _rest(16, 4096, 1 / 32)[5] == SpmmConfig("gather_t", 16, 16, 16, 4, 2, 1)
+  assert _rest(16, 4096, 1 / 128)[0] == SpmmConfig("gather_t", 16, 32, 16, 8, 2, 1)
+  assert _rest(32, 4096, 1 / 64)[0] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
+  assert _rest(32, 4096, 1 / 64)[2] == SpmmConfig("gather_t", 16, 16, 32, 8, 2, 1)
+  assert _rest(16, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
+  assert _rest(16, 1024, 1 / 32)[1] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
+  assert _rest(16, 1024, 1 / 32)[2] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 4)
+  assert _rest(12, 1024, 1 / 32)[0] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
+  assert _rest(16, 1024, 1 / 128)[0] == SpmmConfig("gather_t", 8, 64, 16, 8, 2, 1)
+  assert _rest(16, 1024, 1 / 128)[1] == SpmmConfig("gather_t", 4, 32, 16, 4, 2, 1)
+  assert _rest(197, 4096, 1 / 128)[0].variant == "dot"  # gather_t only up to 32
+  assert _rest(197, 4096, 1 / 128)[3] == SpmmConfig("gather_t", 16, 8, 32, 4, 2, 1)
+  assert _rest(197, 1024, 1 / 128)[3] == SpmmConfig("gather_t", 8, 16, 32, 4, 2, 1)
+  assert _rest(197, 4096, 1 / 32)[0].variant == "dot"
+  assert _rest(16, 1024, 1 / 128)[0].variant == "gather_t"
+  assert _rest(197, 1024, 1 / 256)[0].variant == "gather_t"  # tokens * density < 1
+  assert _rest(1, 4096, 1 / 128) == _rest(1, 4096)
   c = compress(jnp.ones((4096, 16)), 1, 128)
-  assert default_config(16, c) == candidate_configs(16, 16, 1 / 128, 4096)[0]
-  assert default_config(16, c) == SpmmConfig("gather", 16, 32, 1, 8, 2)  # whole rows, K known
+  assert _rest(16, 16, 1 / 128, 4096)[0] == SpmmConfig("gather", 16, 32, 1, 8, 2)  # whole rows
 
 
 def test_whole_row_candidates():
   # With K known: C = K * density kept weights per output; one token per program and all C
   # columns of 2048 // C outputs (8 warps) and 1024 // C (4 warps, first for C < 32).
-  assert candidate_configs(4, 4096, 1 / 32, 1024)[:2] == (
+  assert _rest(4, 4096, 1 / 32, 1024)[:2] == (
     SpmmConfig("gather", 64, 32, 1, 8, 2),
     SpmmConfig("gather", 32, 32, 1, 4, 2),
   )
-  assert candidate_configs(4, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 16, 128, 1, 8, 2)
-  assert candidate_configs(8, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
-  assert candidate_configs(8, 1024, 1 / 128, 4096)[0] == SpmmConfig("gather", 64, 32, 1, 8, 2)
+  assert _rest(4, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 16, 128, 1, 8, 2)
+  assert _rest(8, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
+  assert _rest(8, 1024, 1 / 128, 4096)[0] == SpmmConfig("gather", 64, 32, 1, 8, 2)
   # They lead from 3 tokens on wide outputs, from 4 on narrow ones, up to 8 (to 16 while T*O*C
   # <= 2^20: ViT-L 1:128 and T5 1.1 base 1:32, not ViT-L 1:32) ...
-  assert candidate_configs(3, 4096, 1 / 32, 1024)[0].block_t == 1
-  assert candidate_configs(3, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
-  assert candidate_configs(3, 1024, 1 / 32, 4096)[-3] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
-  assert candidate_configs(16, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
-  assert candidate_configs(16, 4096, 1 / 32, 1024)[0] == candidate_configs(16, 4096, 1 / 32)[0]
-  assert candidate_configs(16, 4096, 1 / 32, 1024)[-1] == SpmmConfig("gather", 32, 32, 1, 4, 2)
-  assert candidate_configs(16, 2048, 1 / 32, 768)[0] == SpmmConfig("gather", 32, 32, 1, 4, 2)
-  assert candidate_configs(16, 768, 1 / 32, 2048)[0] == SpmmConfig("gather", 32, 64, 1, 8, 2)
-  assert candidate_configs(12, 1024, 1 / 32, 4096)[0].variant == "gather_t"  # 1.5 * 2^20
+  assert _rest(3, 4096, 1 / 32, 1024)[0].block_t == 1
+  assert _rest(3, 1024, 1 / 32, 4096)[0] == SpmmConfig("gather", 2, 512, 4, 4, 2)
+  assert _rest(3, 1024, 1 / 32, 4096)[-3] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
+  assert _rest(16, 4096, 1 / 128, 1024)[0] == SpmmConfig("gather", 128, 8, 1, 4, 2)
+  assert _rest(16, 4096, 1 / 32, 1024)[0] == _rest(16, 4096, 1 / 32)[0]
+  assert _rest(16, 4096, 1 / 32, 1024)[-1] == SpmmConfig("gather", 32, 32, 1, 4, 2)
+  assert _rest(16, 2048, 1 / 32, 768)[0] == SpmmConfig("gather", 32, 32, 1, 4, 2)
+  assert _rest(16, 768, 1 / 32, 2048)[0] == SpmmConfig("gather", 32, 64, 1, 8, 2)
+  assert _rest(12, 1024, 1 / 32, 4096)[0].variant == "gather_t"  # 1.5 * 2^20
   # ... and come last at one and two tokens; not for denser patterns nor past 16 tokens.
-  assert candidate_configs(1, 1024, 1 / 32, 4096)[0] == candidate_configs(1, 1024, 1 / 32)[0]
-  assert candidate_configs(2, 4096, 1 / 128, 1024)[-1] == SpmmConfig("gather", 256, 8, 1, 8, 2)
-  assert candidate_configs(4, 4096, 1 / 16, 1024) == candidate_configs(4, 4096, 1 / 16)
-  assert candidate_configs(32, 4096, 1 / 128, 1024) == candidate_configs(32, 4096, 1 / 128)
+  assert _rest(1, 1024, 1 / 32, 4096)[0] == _rest(1, 1024, 1 / 32)[0]
+  assert _rest(2, 4096, 1 / 128, 1024)[-1] == SpmmConfig("gather", 256, 8, 1, 8, 2)
+  assert _rest(4, 4096, 1 / 16, 1024) == _rest(4, 4096, 1 / 16)
+  assert _rest(32, 4096, 1 / 128, 1024) == _rest(32, 4096, 1 / 128)
   # Outputs at least 1 and at most O; steps of at most 1024 columns.
-  assert candidate_configs(4, 16, 1 / 128, 4096)[0] == SpmmConfig("gather", 16, 32, 1, 8, 2)
-  assert candidate_configs(4, 4096, 1 / 32, 1 << 20)[0] == SpmmConfig("gather", 2, 1024, 1, 8, 2)
+  assert _rest(4, 16, 1 / 128, 4096)[0] == SpmmConfig("gather", 16, 32, 1, 8, 2)
+  assert _rest(4, 4096, 1 / 32, 1 << 20)[0] == SpmmConfig("gather", 2, 1024, 1, 8, 2)
+
+
+def test_outputs_on_lanes_candidates():
+  lanes = functools.partial(SpmmConfig, "gather", num_stages=2, outputs_on_lanes=True)
+  # First from density 1/4 down, the tiling by density class, output width and tokens.
+  assert candidate_configs(1, 4096, 1 / 4)[0] == lanes(4, 256, 1, 8)
+  assert candidate_configs(4, 4096, 1 / 4)[0] == lanes(4, 256, 2, 4)
+  assert candidate_configs(8, 1024, 1 / 4)[0] == lanes(4, 256, 2, 4)
+  assert candidate_configs(2, 1024, 1 / 8)[0] == lanes(4, 512, 1, 8)
+  assert candidate_configs(2, 4096, 1 / 8)[0] == lanes(4, 128, 2, 4)
+  assert candidate_configs(16, 1024, 1 / 16)[0] == lanes(16, 128, 2, 4)
+  assert candidate_configs(4, 1024, 1 / 32, 4096)[0] == lanes(8, 128, 1, 4)
+  assert candidate_configs(16, 1024, 1 / 32)[0] == lanes(16, 128, 2, 8)
+  assert candidate_configs(32, 4096, 1 / 32)[0] == lanes(64, 32, 2, 8)
+  assert candidate_configs(8, 4096, 1 / 128)[0] == lanes(32, 8, 1, 4)
+  assert candidate_configs(197, 4096, 1 / 128)[0] == lanes(256, 8, 2, 8)
+  assert candidate_configs(197, 1024, 1 / 256)[0] == lanes(128, 32, 2, 8)
+  # Not for 2:4, unknown densities, nor past the token counts where it led.
+  for args in ((1, 4096, 1 / 2), (4, 4096), (16, 4096, 1 / 4), (16, 1024, 1 / 8),
+               (32, 4096, 1 / 16), (33, 1024, 1 / 32), (257, 4096, 1 / 128)):  # fmt: skip
+    assert not any(c.outputs_on_lanes for c in candidate_configs(*args)), args
+  # default_config takes it; the kernel clamps its step to the row (C = 1024/32 = 32 columns).
   c = compress(_nm_weight(jax.random.key(6), 1024, 64, 1, 32, jnp.float32), 1, 32)
-  assert default_config(4, c) == SpmmConfig("gather", 64, 32, 1, 8, 2)
+  assert default_config(4, c) == lanes(8, 128, 1, 4)
+  # The flag means nothing to the other kernels: the clamp clears it.
+  assert not _check_config(SpmmConfig("dot", outputs_on_lanes=True), c, 16).outputs_on_lanes
+  assert _check_config(lanes(8, 128, 1, 4), c, 4) == lanes(8, 32, 1, 4)
+  # A row of 24 columns: capped at 32 (the last step masked), where other gathers take 8.
+  c = compress(_nm_weight(jax.random.key(7), 768, 64, 1, 32, jnp.float32), 1, 32)
+  assert _check_config(lanes(16, 128, 1, 4), c, 4).block_k == 32
+  assert _check_config(SpmmConfig("gather", 16, 128, 1), c, 4).block_k == 8
 
 
 def test_default_config_skips_candidates_that_do_not_apply():
@@ -477,16 +525,39 @@ def test_use_mask_kernel_policy(monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("t", [1, 3, 8, 16, 197])
 @pytest.mark.parametrize(
-  "n, m, o", [(2, 4, 512), (1, 8, 512), (1, 16, 512), (1, 32, 4096), (1, 128, 512), (1, 8, 4096)]
+  "n, m, o",
+  [
+    (2, 4, 512),
+    (1, 4, 4096),
+    (1, 8, 512),
+    (1, 16, 512),
+    (1, 32, 4096),
+    (1, 128, 512),
+    (1, 8, 4096),
+  ],
 )
 def test_nm_matmul_on_gpu(t, n, m, o):
-  w = _nm_weight(jax.random.key(t), 1024, o, n, m, jnp.bfloat16)
-  x = jax.random.normal(jax.random.key(1), (t, 1024), jnp.float32).astype(jnp.bfloat16)
+  _every_candidate_on_gpu(1024, o, n, m, t)
+
+
+def _every_candidate_on_gpu(k, o, n, m, t):
+  """Every candidate configuration for the case, compiled, against float64 (bfloat16 operands)."""
+  w = _nm_weight(jax.random.key(t + k), k, o, n, m, jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(1), (t, k), jnp.float32).astype(jnp.bfloat16)
   c = compress(w, n, m)
-  for config in candidate_configs(t, o, n / m, 1024):
+  for config in candidate_configs(t, o, n / m, k):
     y = jax.jit(lambda x, c, config=config: nm_matmul(x, c, config=config))(x, c)
     err = _relerr(y.astype(jnp.float32), w.astype(jnp.float32), x.astype(jnp.float32))
     assert err < 1e-2, config
+
+
+@needs_gpu
+@pytest.mark.parametrize("t", [1, 4, 16, 197])
+@pytest.mark.parametrize("n, m, o", [(1, 8, 2048), (1, 32, 2048), (1, 128, 512)])
+def test_nm_matmul_on_gpu_rows_of_three_times_a_power_of_two(t, n, m, o):
+  """K = 768 (T5 1.1 base): 96, 24 and 6 kept weights per row, the outputs-on-lanes steps
+  masked past the row."""
+  _every_candidate_on_gpu(768, o, n, m, t)
 
 
 @needs_gpu
@@ -497,6 +568,7 @@ def test_nm_matmul_on_gpu(t, n, m, o):
     SpmmConfig("dot_gather", 16, 64, 16),
     SpmmConfig("dot", 32, 64, 16, tokens_in_m=True),
     SpmmConfig("gather_t", 8, 8, 16),
+    SpmmConfig("gather", 16, 32, 2, outputs_on_lanes=True),
   ],
 )
 def test_nm_matmul_float32_on_gpu(config):

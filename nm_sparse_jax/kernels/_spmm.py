@@ -11,7 +11,10 @@ for bfloat16 values) and accumulating in float32:
   of them, or one per program for very sparse patterns); it walks the compressed columns
   ``block_k`` at a time, gathers ``x[t, k(o, c)]`` (``x`` is small and stays in L1/L2) and
   multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work. The weights, read once, are
-  loaded with an evict-first hint so that they do not push ``x`` out of L1.
+  loaded with an evict-first hint so that they do not push ``x`` out of L1. With
+  ``outputs_on_lanes`` the lanes of a warp take different outputs at one compressed column, so
+  that one gather reads the inputs of one group instead of one group per lane (from 1:4 down,
+  1.2x-1.8x faster on an H100).
 * ``"select"`` (one token, dense patterns): the same, but without a load that waits on the
   index: each step loads the ``m`` inputs of each of its groups along with the values and
   indices, and picks each kept weight's input with a select chain over the ``m`` positions
@@ -86,6 +89,11 @@ class SpmmConfig(NamedTuple):
     tokens_in_m: "dot", "dot_gather": the tokens fill the matrix unit's ``M`` dimension
       (``acc = x @ Wt^T``, the ``x`` tile the left operand) instead of the outputs
       (``acc^T = Wt @ x^T``); ignored by the gather kernels.
+    outputs_on_lanes: "gather": the products tile is ``(block_t, block_k, block_out)``, the
+      outputs minor, so that the lanes of a warp hold different outputs at the same compressed
+      column and one gather reads the inputs of one or two groups (a few 128-byte lines) instead
+      of one group per lane; ``block_k`` is then capped by the row instead of dividing it (the
+      last step masked); ignored by the other kernels.
   """
 
   variant: str = "gather"
@@ -96,6 +104,7 @@ class SpmmConfig(NamedTuple):
   num_stages: int = 2
   split_k: int = 1
   tokens_in_m: bool = False
+  outputs_on_lanes: bool = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -269,6 +278,57 @@ def _lead_few_tokens(
   return (first, *(c for c in configs if c != first))
 
 
+# "gather" with the outputs on the lanes, where it led (H100, ViT-L FFN shapes, weights from
+# device memory): by the density class (n/m at most 1/4 ... 1/64) and output width (O >= 2048),
+# rows of (most tokens, block_out, block_k, block_t, num_warps), block_k capped by the row.
+_LANES = {
+  (1 / 4, False): ((2, 2, 1024, 1, 4), (8, 4, 256, 2, 4)),
+  (1 / 4, True): ((1, 4, 256, 1, 8), (4, 4, 256, 2, 4)),
+  (1 / 8, False): ((2, 4, 512, 1, 8), (8, 4, 256, 2, 4)),
+  (1 / 8, True): ((1, 8, 128, 1, 4), (2, 4, 128, 2, 4), (8, 8, 128, 2, 4)),
+  (1 / 16, False): ((4, 4, 256, 1, 4), (8, 4, 256, 2, 4), (16, 16, 128, 2, 4)),
+  (1 / 16, True): ((1, 8, 64, 1, 4), (4, 8, 64, 2, 4), (16, 16, 64, 2, 4)),
+  (1 / 32, False): (
+    (4, 8, 128, 1, 4),
+    (8, 16, 128, 1, 8),
+    (16, 16, 128, 2, 8),
+    (32, 16, 128, 2, 4),
+  ),
+  (1 / 32, True): ((4, 16, 32, 1, 4), (8, 32, 32, 1, 4), (16, 32, 32, 2, 4), (32, 64, 32, 2, 8)),
+  (1 / 64, False): ((16, 32, 32, 1, 8), (32, 64, 32, 1, 8), (256, 128, 32, 2, 8)),
+  (1 / 64, True): ((8, 32, 8, 1, 4), (16, 32, 8, 2, 4), (32, 64, 8, 2, 8), (256, 256, 8, 2, 8)),
+}
+
+
+def _lanes_config(tokens: int, out_features: int, density: float | None) -> SpmmConfig | None:
+  """The ``"gather"`` kernel with ``outputs_on_lanes`` where it was measured fastest, else None:
+  from density 1/4 (``O < 2048``: up to 8 tokens; wider: up to 4), 1/8 (up to 8 tokens), 1/16
+  (up to 16), 1/32 (up to 32) and 1/64 and sparser (up to 256 tokens), with the tiling of
+  ``_LANES``. Few outputs per program (2 to 32; up to 256 for very sparse patterns at many
+  tokens), whole rows or long steps, one or two tokens per program.
+
+  H100, weights from device memory, µs of GPU time against the best of the earlier candidates
+  (``bench spmm``, BENCHMARKS.md): ViT-L W1 (1024x4096) / W2 (4096x1024) at 1:32, 4 tokens 2.3
+  vs 3.2 / 2.4 vs 3.7, 8 tokens 2.7 vs 3.9 / 2.7 vs 4.7, 16 tokens 3.3 vs 5.0 / 3.4 vs 5.9; 1:8
+  at one token 2.5 vs 3.2 / 2.5 vs 2.9; 1:4 at 4 tokens 5.3 vs 6.3 / 5.9 vs 6.3; 1:128 at 197
+  tokens 5.0 vs 9.3 / 6.3 vs 11.6 (``"dot"``) with one token per program (W1) and four (W2),
+  4.7 / 5.9 with the two-token programs of the table in a later sweep. Not for 2:4, where lanes
+  along the columns already read one or two lines (8-byte groups), nor where the tensor-core
+  kernels led: 1:4 from 5 tokens on wide outputs and at 16 on narrow ones, 1:8 at 16, 1:16 at 32.
+  """
+  if density is None or density > 1 / 4:
+    return None
+  rows = None
+  for bound in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
+    if density <= bound:
+      rows = _LANES[bound, out_features >= 2048]
+      break
+  for most, block_out, block_k, block_t, warps in rows:
+    if tokens <= most:
+      return SpmmConfig("gather", block_out, block_k, block_t, warps, 2, outputs_on_lanes=True)
+  return None
+
+
 def candidate_configs(
   tokens: int,
   out_features: int,
@@ -279,6 +339,8 @@ def candidate_configs(
   known) the kept fraction ``density = n/m`` and ``in_features``, the default
   (:func:`default_config`) first.
 
+  * first, from density 1/4 down and where it was measured fastest, ``"gather"`` with the
+    outputs on the lanes (:func:`_lanes_config`); the items below order the rest of the list;
   * whole rows: where ``in_features`` is known (``C = K*density`` kept weights per output) and
     ``density <= 1/32``, up to 16 tokens: ``"gather"`` with one token per program and all ``C``
     columns of ``2048 // C`` outputs (8 warps) and of ``1024 // C`` (4 warps; first for ``C <
@@ -317,6 +379,16 @@ def candidate_configs(
   tokens ``"dot"`` with the tokens in ``M``, also at 1:128 (H100: W1 9.2 vs 10.8 µs for
   ``"gather_t"``, W2 11.5 vs 11.6).
   """
+  lanes = _lanes_config(tokens, out_features, density)
+  others = _candidates(tokens, out_features, density, in_features)
+  return others if lanes is None else (lanes, *others)
+
+
+def _candidates(
+  tokens: int, out_features: int, density: float | None, in_features: int | None
+) -> tuple[SpmmConfig, ...]:
+  """:func:`candidate_configs` without the outputs-on-lanes ``"gather"`` (its list below the
+  first item)."""
   block_t = _pow2_at_least(tokens)
   wide = out_features >= 2048
   dense_ish = density is not None and density >= 1 / 2
@@ -379,16 +451,22 @@ def default_config(tokens: int, c: NMCompressed) -> SpmmConfig:
   raise ValueError(f"no N:M kernel configuration applies to {c.n}:{c.m} at {tokens} tokens")
 
 
-def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k, evict=False):
+def _kept_weights(v_ref, i_ref, row0, c0, *, n, m, block_out, block_k, evict=False, ragged=False):
   """The ``(block_out, block_k)`` kept weights from compressed column ``c0`` on (float32) and
   the input ``k = (c // n)*m + index`` each one multiplies; with ``evict``, loaded with an
-  evict-first hint (read once: leave L1 to the gathered inputs)."""
+  evict-first hint (read once: leave L1 to the gathered inputs). With ``ragged`` the step may
+  run past the row: the columns past it get value 0 and the row's last input."""
+  per_row = v_ref.shape[1]
   tile = (pl.ds(row0, block_out), pl.ds(c0, block_k))
   policy = "evict_first" if evict else None
-  v = plgpu.load(v_ref.at[tile], eviction_policy=policy).astype(jnp.float32)
-  j = plgpu.load(i_ref.at[tile], eviction_policy=policy).astype(jnp.int32)
   c = c0 + jnp.arange(block_k, dtype=jnp.int32)
-  return v, (c // n)[None, :] * m + j
+  masked = {}
+  if ragged:  # (Triton rejects ``other`` without a mask)
+    masked = dict(mask=jnp.broadcast_to((c < per_row)[None, :], (block_out, block_k)), other=0)
+  v = plgpu.load(v_ref.at[tile], eviction_policy=policy, **masked)
+  j = plgpu.load(i_ref.at[tile], eviction_policy=policy, **masked)
+  c = jnp.minimum(c, per_row - 1) if ragged else c
+  return v.astype(jnp.float32), (c // n)[None, :] * m + j.astype(jnp.int32)
 
 
 def _kept_by_position(v_ref, i_ref, row0, c0, *, n, block_out, groups):
@@ -421,38 +499,61 @@ def _prefetched_loop(steps, load, body, acc):
   return acc
 
 
-def _gather_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
-  """One program: ``block_out`` outputs by ``block_t`` tokens (the last tile padded)."""
+def _gather_kernel(
+  x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, outputs_on_lanes
+):
+  """One program: ``block_out`` outputs by ``block_t`` tokens (the last tile padded).
+
+  The products of a step form a ``(block_out, block_k, block_t)`` tile, or with
+  ``outputs_on_lanes`` a ``(block_t, block_k, block_out)`` one: Triton spreads the minor axis
+  over the lanes of a warp, so the lanes then hold different outputs at one compressed column,
+  whose inputs lie in one group of ``m`` (``2m`` bytes), and a gather touches one or two
+  128-byte lines instead of up to 32 (one group per lane along the columns). The weight tile is
+  loaded coalesced along the columns and transposed in registers. ``block_k`` need not divide
+  the row there (:func:`_check_config` caps it by the row instead): the last step is masked,
+  so that rows of ``C = 3*2^j`` columns (T5's 768 inputs) still run in long steps.
+  """
   row0 = pl.program_id(0) * block_out
   t0 = pl.program_id(1) * block_t
   per_row = v_ref.shape[1]
   t = jnp.minimum(t0 + jnp.arange(block_t, dtype=jnp.int32), tokens - 1)
-  t3 = jnp.broadcast_to(t[None, None, :], (block_out, block_k, block_t))
-  steps = per_row // block_k
+  if outputs_on_lanes:
+    shape = (block_t, block_k, block_out)
+    t3 = jnp.broadcast_to(t[:, None, None], shape)
+  else:
+    shape = (block_out, block_k, block_t)
+    t3 = jnp.broadcast_to(t[None, None, :], shape)
+  steps = _cdiv(per_row, block_k)  # the last step masked where block_k does not divide the row
+  ragged = per_row % block_k != 0
 
   def load(i):  # step i's kept weights
     c0 = pl.multiple_of(i * block_k, block_k)
-    return _kept_weights(
-      v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k, evict=True
-    )
+    v, k = _kept_weights(
+      v_ref, i_ref, row0, c0, n=n, m=m, block_out=block_out, block_k=block_k, evict=True,
+      ragged=ragged,
+    )  # fmt: skip
+    return (v.T, k.T) if outputs_on_lanes else (v, k)
 
   def body(_, acc, v, k):
-    k3 = jnp.broadcast_to(k[:, :, None], (block_out, block_k, block_t))
-    xg = x_ref[t3, k3].astype(jnp.float32)  # (block_out, block_k, block_t)
-    return acc + jnp.sum(v[:, :, None] * xg, axis=1)
+    if outputs_on_lanes:  # v, k: (block_k, block_out); acc: (block_t, block_out)
+      xg = x_ref[t3, jnp.broadcast_to(k[None], shape)].astype(jnp.float32)
+      return acc + jnp.sum(v[None] * xg, axis=1)
+    xg = x_ref[t3, jnp.broadcast_to(k[:, :, None], shape)].astype(jnp.float32)
+    return acc + jnp.sum(v[:, :, None] * xg, axis=1)  # acc: (block_out, block_t)
 
-  acc = _prefetched_loop(steps, load, body, jnp.zeros((block_out, block_t), jnp.float32))
-  _store_outputs(o_ref, acc, row0, t0, tokens)
+  acc = jnp.zeros((block_t, block_out) if outputs_on_lanes else (block_out, block_t), jnp.float32)
+  acc = _prefetched_loop(steps, load, body, acc)
+  _store_outputs(o_ref, acc if outputs_on_lanes else acc.T, row0, t0, tokens)
 
 
 def _store_outputs(o_ref, y, row0, t0, tokens):
-  """Writes ``y`` ``(block_out, block_t)`` (outputs from ``row0``, tokens from ``t0``) to
+  """Writes ``y`` ``(block_t, block_out)`` (tokens from ``t0``, outputs from ``row0``) to
   ``o_ref[t0:t0 + block_t, row0:row0 + block_out]``, the tokens past ``tokens`` masked."""
-  block_out, block_t = y.shape
+  block_t, block_out = y.shape
   t = t0 + jnp.arange(block_t, dtype=jnp.int32)
   ok = jnp.broadcast_to((t < tokens)[:, None], (block_t, block_out))
   tile = (pl.ds(t0, block_t), pl.ds(row0, block_out))
-  plgpu.store(o_ref.at[tile], y.T.astype(o_ref.dtype), mask=ok)
+  plgpu.store(o_ref.at[tile], y.astype(o_ref.dtype), mask=ok)
 
 
 def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t):
@@ -495,7 +596,7 @@ def _select_kernel(x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block
 
   acc = jnp.zeros((block_out, groups, block_t), jnp.float32)
   acc = _prefetched_loop(steps, load, body, acc)
-  _store_outputs(o_ref, jnp.sum(acc, axis=1), row0, 0, tokens)
+  _store_outputs(o_ref, jnp.sum(acc, axis=1).T, row0, 0, tokens)
 
 
 def _gather_t_kernel(xt_ref, v_ref, i_ref, o_ref, *, n, m, block_out, block_k, block_t, split_k):
@@ -626,6 +727,8 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
   if config.variant in ("gather", "select", "gather_t"):  # block_k counts compressed columns
     per_row = c.values.shape[1]
     block_k = _pow2_dividing(per_row, config.block_k)
+    if config.variant == "gather" and config.outputs_on_lanes:  # the last step may be partial
+      block_k = min(config.block_k, _pow2_at_least(per_row))
     if config.variant == "select":  # whole groups per step
       if block_k % c.n:
         raise ValueError(
@@ -633,6 +736,8 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
           f"columns (n a power of two, or a row of whole groups)"
         )
     config = config._replace(block_out=block_out, block_k=block_k, tokens_in_m=False)
+    if config.variant != "gather":
+      config = config._replace(outputs_on_lanes=False)
     if config.variant in ("gather", "select"):  # no split; "select": all tokens in one program
       all_tokens = _pow2_at_least(tokens)
       block_t = all_tokens if config.variant == "select" else min(config.block_t, all_tokens)
@@ -652,6 +757,7 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
     block_k=block_k,
     block_t=min(config.block_t, _pow2_at_least(tokens)),
     split_k=split_k,
+    outputs_on_lanes=False,
   )
 
 
@@ -665,7 +771,9 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
   )  # fmt: skip
   out_shape = jax.ShapeDtypeStruct((tokens, out_features), x.dtype)
   if config.variant in ("gather", "select"):
-    body = _gather_kernel if config.variant == "gather" else _select_kernel
+    body = _select_kernel
+    if config.variant == "gather":
+      body = functools.partial(_gather_kernel, outputs_on_lanes=config.outputs_on_lanes)
     kernel = functools.partial(body, **kwargs)
     grid = (out_features // config.block_out, _cdiv(tokens, config.block_t))
   elif config.variant == "gather_t":
