@@ -13,8 +13,8 @@ for bfloat16 values) and accumulating in float32:
   multiply-adds on the CUDA cores: ``T*O*C`` FMAs, no wasted work. The weights, read once, are
   loaded with an evict-first hint so that they do not push ``x`` out of L1. With
   ``outputs_on_lanes`` the lanes of a warp take different outputs at one compressed column, so
-  that one gather reads the inputs of one group instead of one group per lane (from 1:4 down,
-  1.2x-1.8x faster on an H100).
+  that one gather reads the inputs of one group instead of one group per lane (H100: 1:32 at 4
+  to 16 tokens 1.4x-1.8x faster, 1:128 at 197 tokens 2x; from 1:4 down).
 * ``"select"`` (one token, dense patterns): the same, but without a load that waits on the
   index: each step loads the ``m`` inputs of each of its groups along with the values and
   indices, and picks each kept weight's input with a select chain over the ``m`` positions
