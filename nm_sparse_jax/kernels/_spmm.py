@@ -318,12 +318,8 @@ def _lanes_config(tokens: int, out_features: int, density: float | None) -> Spmm
   """
   if density is None or density > 1 / 4:
     return None
-  rows = None
-  for bound in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4):
-    if density <= bound:
-      rows = _LANES[bound, out_features >= 2048]
-      break
-  for most, block_out, block_k, block_t, warps in rows:
+  bound = next(b for b in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4) if density <= b)
+  for most, block_out, block_k, block_t, warps in _LANES[bound, out_features >= 2048]:
     if tokens <= most:
       return SpmmConfig("gather", block_out, block_k, block_t, warps, 2, outputs_on_lanes=True)
   return None
@@ -726,9 +722,10 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
   block_out = _pow2_dividing(c.out_features, config.block_out)
   if config.variant in ("gather", "select", "gather_t"):  # block_k counts compressed columns
     per_row = c.values.shape[1]
-    block_k = _pow2_dividing(per_row, config.block_k)
     if config.variant == "gather" and config.outputs_on_lanes:  # the last step may be partial
       block_k = min(config.block_k, _pow2_at_least(per_row))
+    else:
+      block_k = _pow2_dividing(per_row, config.block_k)
     if config.variant == "select":  # whole groups per step
       if block_k % c.n:
         raise ValueError(
