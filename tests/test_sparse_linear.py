@@ -59,7 +59,25 @@ def test_jit_apply_compiles_once_per_shape(vit):
   f(variables, images)
   f(variables, images + 1.0)
   f(variables, images[:1])
-  assert len(f.executables) == 2
+  assert len(f.signatures) == 2
+  assert [s[0].shape for s in f.signatures] == [images.shape, images[:1].shape]
+
+
+@pytest.mark.parametrize("fmt", ["nm", "bcsr"])
+def test_jit_apply_lower_is_what_it_runs(vit, fmt):
+  """``jit_apply(...).lower`` compiles to the same numbers as the call; on a GPU the BCSR
+  model's HLO calls cuSPARSE (the flag is on when the private jit lowers) and the nm model's
+  calls the Pallas kernel."""
+  model, images, pol, hard, dense = vit
+  variables = {"params": export(hard, pol, format=fmt)}
+  f = sl.jit_apply(model)
+  compiled = f.lower(variables, images).compile()
+  np.testing.assert_array_equal(np.asarray(compiled(variables, images)), f(variables, images))
+  assert _relerr(compiled(variables, images), dense) < 1e-5
+  if ON_GPU:
+    hlo = compiled.as_text().lower()
+    assert ("cusparse" in hlo) == (fmt == "bcsr")
+    assert ("nm_matmul" in hlo) == (fmt == "nm")
 
 
 def test_dense_bias_dtype_and_config():
