@@ -200,8 +200,8 @@ def jit_apply(
   >>> f = jit_apply(nn.Dense(2))
   >>> f({"params": {"kernel": jnp.eye(2), "bias": jnp.zeros(2)}}, jnp.ones((1, 2)))
   Array([[1., 1.]], dtype=float32)
-  >>> f.signatures
-  [(ShapeDtypeStruct(shape=(1, 2), dtype=float32),)]
+  >>> [(a.shape, str(a.dtype)) for (a,) in f.signatures]
+  [((1, 2), 'float32')]
   """
   signatures: list[Any] = []
 
