@@ -195,6 +195,8 @@ def jit_apply(
   by the shapes of every leaf in Python took ~0.9 ms. The callable's ``signatures`` list holds
   the ``args`` shapes and dtypes of each trace (one per compiled signature), and its ``lower``
   gives the lowering for given arguments (``f.lower(v, x).compile().as_text()``), for inspection.
+  The flag is global: where several threads call such functions, set it once
+  (``jax.config.update("jax_bcoo_cusparse_lowering", True)``) and the calls leave it alone.
 
   >>> import flax.linen as nn, jax.numpy as jnp
   >>> f = jit_apply(nn.Dense(2))
@@ -214,6 +216,8 @@ def jit_apply(
   jitted = jax.jit(fn)
 
   def call(variables, *args):
+    if jax.config.jax_bcoo_cusparse_lowering:  # already on: leave the global flag alone
+      return jitted(variables, *args)
     with cusparse_lowering():
       return jitted(variables, *args)
 

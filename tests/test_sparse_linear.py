@@ -108,6 +108,26 @@ def test_linear_paths_agree():
     sl.bcsr_matmul(x[:, :8], to_bcsr(w, 1, 4))
 
 
+def test_jit_apply_leaves_a_set_cusparse_flag_alone(vit, monkeypatch):
+  """With the flag already on, calls do not toggle it (so threads cannot race on it); without
+  it, a call turns it on only for its duration."""
+  model, images, pol, hard, dense = vit
+  variables = {"params": export(hard, pol, format="bcsr")}
+  f = sl.jit_apply(model)
+  updates = []
+  real_update = jax.config.update
+  monkeypatch.setattr(jax.config, "update", lambda *a: (updates.append(a), real_update(*a)))
+  assert _relerr(f(variables, images), dense) < 1e-5
+  assert updates == [("jax_bcoo_cusparse_lowering", True), ("jax_bcoo_cusparse_lowering", False)]
+  updates.clear()
+  real_update("jax_bcoo_cusparse_lowering", True)
+  try:
+    assert _relerr(f(variables, images), dense) < 1e-5
+    assert updates == []
+  finally:
+    real_update("jax_bcoo_cusparse_lowering", False)
+
+
 def test_cusparse_flag_is_restored():
   before = jax.config.jax_bcoo_cusparse_lowering
   with sl.cusparse_lowering():
