@@ -192,9 +192,10 @@ def jit_apply(
   :func:`cusparse_lowering` (so BCSR kernels run cuSPARSE on a GPU: the flag is on whenever this
   private jit lowers a new signature). Repeated calls take jit's C++ dispatch path: on a ViT-L
   (393 parameter leaves) that is ~0.13 ms of host time per call, where looking up an executable
-  by the shapes of every leaf in Python took ~0.9 ms. The callable's ``signatures`` list holds
-  the ``args`` shapes and dtypes of each trace (one per compiled signature), and its ``lower``
-  gives the lowering for given arguments (``f.lower(v, x).compile().as_text()``), for inspection.
+  by the shapes of every leaf in Python and calling it took ~0.9 ms. The callable's
+  ``signatures`` list holds the ``args`` shapes and dtypes of each trace (one per compiled
+  signature), and its ``lower`` gives the lowering for given arguments
+  (``f.lower(v, x).compile().as_text()``), for inspection.
   The flag is global: where several threads call such functions, set it once
   (``jax.config.update("jax_bcoo_cusparse_lowering", True)``) and the calls leave it alone.
 

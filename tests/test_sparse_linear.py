@@ -116,16 +116,21 @@ def test_jit_apply_leaves_a_set_cusparse_flag_alone(vit, monkeypatch):
   f = sl.jit_apply(model)
   updates = []
   real_update = jax.config.update
+  before = jax.config.jax_bcoo_cusparse_lowering
+  real_update("jax_bcoo_cusparse_lowering", False)
   monkeypatch.setattr(jax.config, "update", lambda *a: (updates.append(a), real_update(*a)))
-  assert _relerr(f(variables, images), dense) < 1e-5
-  assert updates == [("jax_bcoo_cusparse_lowering", True), ("jax_bcoo_cusparse_lowering", False)]
-  updates.clear()
-  real_update("jax_bcoo_cusparse_lowering", True)
   try:
+    assert _relerr(f(variables, images), dense) < 1e-5
+    assert updates == [
+      ("jax_bcoo_cusparse_lowering", True),
+      ("jax_bcoo_cusparse_lowering", False),
+    ]
+    updates.clear()
+    real_update("jax_bcoo_cusparse_lowering", True)
     assert _relerr(f(variables, images), dense) < 1e-5
     assert updates == []
   finally:
-    real_update("jax_bcoo_cusparse_lowering", False)
+    real_update("jax_bcoo_cusparse_lowering", before)
 
 
 def test_cusparse_flag_is_restored():
