@@ -85,13 +85,17 @@ def cusparse_lowering() -> Iterator[None]:
 
   The flag is read when a BCSR product is *lowered*, and it is not part of jit's cache key: lower
   and compile inside the block (:func:`jit_apply` does), with a function not compiled before.
+  The flag is global: where it is already on, the block leaves it alone (so threads that set it
+  once do not race on it).
   """
-  previous = jax.config.jax_bcoo_cusparse_lowering
+  if jax.config.jax_bcoo_cusparse_lowering:
+    yield
+    return
   jax.config.update("jax_bcoo_cusparse_lowering", True)
   try:
     yield
   finally:
-    jax.config.update("jax_bcoo_cusparse_lowering", previous)
+    jax.config.update("jax_bcoo_cusparse_lowering", False)
 
 
 def _contraction(module: nn.Module, x: jax.Array, kernel: SparseKernel) -> int:
@@ -217,8 +221,6 @@ def jit_apply(
   jitted = jax.jit(fn)
 
   def call(variables, *args):
-    if jax.config.jax_bcoo_cusparse_lowering:  # already on: leave the global flag alone
-      return jitted(variables, *args)
     with cusparse_lowering():
       return jitted(variables, *args)
 

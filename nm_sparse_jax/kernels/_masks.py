@@ -356,6 +356,20 @@ def _store_keep(keys, theta, n, chunks, store):
     store(i, (k > theta) | ((tie > 0) & (rank <= need)))
 
 
+_LANE_BITS = 0x10001  # bit 0 of each 16-bit lane of a word
+
+
+def _both_lanes(values):
+  """Two lanes' 16-bit values (``[lane 0, lane 1]`` int32 arrays) in one word, lane 0 low."""
+  return values[0].astype(jnp.uint32) | (values[1].astype(jnp.uint32) << 16)
+
+
+def _at_least(biased, both):
+  """Per word of ``biased`` (``0x8000 + key`` per lane), ``key >= both``'s lane as bit 0 of
+  that lane: bit 15 of ``0x8000 + key - mid``, which stays in its lane for ``mid <= 0x8000``."""
+  return [((b - both) >> 15) & jnp.uint32(_LANE_BITS) for b in biased]
+
+
 def _store_keep_packed(biased, theta, n, chunks, store):
   """:func:`_store_keep` for two 16-bit lanes per word, counted as in the bisection.
 
@@ -367,13 +381,11 @@ def _store_keep_packed(biased, theta, n, chunks, store):
   bit 0 and lane 1's in bit 16. Written with ``store(i, keep)``.
   """
   u32 = jnp.uint32
-  lane_bits = u32(0x10001)
-  both = theta[0].astype(u32) | (theta[1].astype(u32) << 16)
-  above = both + lane_bits
-  at_least = [((b - both) >> 15) & lane_bits for b in biased]
-  greater = [((b - above) >> 15) & lane_bits for b in biased]
+  both = _both_lanes(theta)
+  at_least = _at_least(biased, both)
+  greater = _at_least(biased, both + u32(_LANE_BITS))  # key >= theta + 1
   ties = [a - g for a, g in zip(at_least, greater)]
-  need = u32(n * 0x10001) - _group(greater, jnp.add, jnp.sum, chunks)  # >= 1 per lane
+  need = u32(n * _LANE_BITS) - _group(greater, jnp.add, jnp.sum, chunks)  # >= 1 per lane
   if chunks > 1:  # ties in the group's earlier chunks
     per_chunk = _tree(ties, jnp.add)
     rank = jnp.cumsum(per_chunk, axis=0) - per_chunk
@@ -407,9 +419,7 @@ def _mask_kernel(
     biased = [w | jnp.uint32(0x80008000) for w in words]
 
     def count(mid):
-      both = mid[0].astype(jnp.uint32) | (mid[1].astype(jnp.uint32) << 16)
-      hits = [((b - both) >> 15) & jnp.uint32(0x10001) for b in biased]
-      total = _group(hits, jnp.add, jnp.sum, chunks)
+      total = _group(_at_least(biased, _both_lanes(mid)), jnp.add, jnp.sum, chunks)
       return [(total & jnp.uint32(0xFFFF)).astype(jnp.int32), (total >> 16).astype(jnp.int32)]
 
   else:
