@@ -25,7 +25,7 @@ from nm_sparse_jax.kernels import (
   use_mask_kernel,
 )
 from nm_sparse_jax.kernels._masks import MASK_KERNEL_ENV, MaskConfig, mask_kernel_applies
-from nm_sparse_jax.kernels._spmm import _check_config
+from nm_sparse_jax.kernels._spmm import _check_config, _flat_rows
 
 ON_GPU = jax.default_backend() == "gpu"
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Pallas Triton kernels need a GPU")
@@ -42,9 +42,11 @@ def _relerr(y, w, x):
 
 
 def _rest(*args):
-  """:func:`candidate_configs` after the outputs-on-lanes ``"gather"`` that leads where it
-  applies (:func:`test_outputs_on_lanes_candidates`)."""
+  """:func:`candidate_configs` after the flat whole-row ``"gather"`` and the outputs-on-lanes
+  ``"gather"`` that lead where they apply (:func:`test_flat_candidates`,
+  :func:`test_outputs_on_lanes_candidates`)."""
   configs = candidate_configs(*args)
+  configs = configs[1:] if configs[0] == _flat_rows(*args, *(None,) * (4 - len(args))) else configs
   return configs[1:] if configs[0].outputs_on_lanes else configs
 
 
@@ -87,6 +89,12 @@ SPMM = [
   (96, 16, 1, 4, 3, SpmmConfig("gather", 8, 16, 2, outputs_on_lanes=True)),
   (96, 16, 2, 8, 2, SpmmConfig("gather", 4, 16, 2, 2, outputs_on_lanes=True)),
   (192, 32, 1, 32, 5, SpmmConfig("gather", 16, 8, 1, outputs_on_lanes=True)),
+  # Flat one-token tiles (no token axis): several steps, whole rows, one token per program over
+  # three tokens, n = 3, m not a power of two.
+  (128, 32, 2, 4, 1, SpmmConfig("gather", 8, 16, 1, 8, flat=True)),
+  (256, 64, 1, 128, 1, SpmmConfig("gather", 64, 2, 1, flat=True)),
+  (96, 16, 1, 12, 3, SpmmConfig("gather", 4, 4, 1, flat=True)),
+  (128, 16, 3, 8, 2, SpmmConfig("gather", 4, 16, 1, 2, flat=True)),
 ]
 
 
@@ -133,8 +141,10 @@ def test_configs():
   assert _rest(3, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 4, 2, 2)
   assert _rest(2, 1024, 1 / 32)[-1] == SpmmConfig("gather_t", 4, 16, 2, 2, 2)
   assert {c.variant for c in _rest(4, 4096, 1 / 32)} == {"gather"}
-  # At one token the select chain for dense patterns: first on wide outputs, last on narrow.
-  assert _rest(1, 4096, 1 / 2)[0] == SpmmConfig("select", 4, 256, 1, 4, 2)
+  # At one token the select chain for dense patterns: first on wide outputs (after a flat
+  # gather), last on narrow.
+  assert _rest(1, 4096, 1 / 2)[0] == SpmmConfig("gather", 8, 256, 1, 8, 2, flat=True)
+  assert _rest(1, 4096, 1 / 2)[1] == SpmmConfig("select", 4, 256, 1, 4, 2)
   assert _rest(1, 1024, 1 / 2)[2] == SpmmConfig("select", 4, 256, 1, 4, 2)
   assert "select" not in {c.variant for c in _rest(1, 4096, 1 / 4)}
   # 5 to 8 tokens: the 16-token candidates (with 8-token tiles) and two gather tilings, the one
@@ -238,6 +248,34 @@ def test_whole_row_candidates():
   assert _rest(4, 4096, 1 / 32, 1 << 20)[0] == SpmmConfig("gather", 2, 1024, 1, 8, 2)
 
 
+def test_flat_candidates():
+  flat = functools.partial(SpmmConfig, "gather", num_stages=2, flat=True)
+  # Up to 16 tokens, wide outputs, 1:128 with a power-of-two row: flat whole rows of 2048
+  # products first, then the outputs-on-lanes gather.
+  for t in (1, 2, 16):
+    configs = candidate_configs(t, 4096, 1 / 128, 1024)
+    assert configs[0] == flat(256, 8, 1, 8) and configs[1].outputs_on_lanes
+  # Not without the row length, past 16 tokens, on narrow outputs, above 1/128, nor for rows of
+  # six (T5's 768 inputs at 1:128: not one step).
+  cases = [(1, 4096, 1 / 128), (17, 4096, 1 / 128, 1024), (1, 1024, 1 / 128, 4096)]
+  cases += [(1, 4096, 1 / 64, 1024), (1, 2048, 1 / 128, 768), (16, 4096, 1 / 2, 1024)]
+  for args in cases:
+    assert not any(c.flat for c in candidate_configs(*args)), args
+  # 2:4 on wide outputs: the flat 8 x 256 gather first.
+  assert candidate_configs(1, 4096, 1 / 2, 1024)[0] == flat(8, 256, 1, 8)
+  assert not any(c.flat for c in candidate_configs(1, 1024, 1 / 2, 4096))
+  # The flag needs one token per program and the outputs off the lanes; other kernels drop it.
+  c = compress(_nm_weight(jax.random.key(8), 256, 64, 2, 4, jnp.float32), 2, 4)
+  with pytest.raises(ValueError, match="flat=True needs one token per program.*block_t=2"):
+    _check_config(flat(8, 32, 2), c, 4)
+  with pytest.raises(ValueError, match="outputs_on_lanes=True"):
+    _check_config(flat(8, 32, 1, outputs_on_lanes=True), c, 1)
+  assert not _check_config(SpmmConfig("dot", flat=True), c, 16).flat
+  assert not _check_config(SpmmConfig("gather_t", flat=True), c, 16).flat
+  # With one token a larger block_t clamps to 1, so the flag holds.
+  assert _check_config(flat(8, 32, 4), c, 1) == flat(8, 32, 1)
+
+
 def test_outputs_on_lanes_candidates():
   lanes = functools.partial(SpmmConfig, "gather", num_stages=2, outputs_on_lanes=True)
   # First from density 1/4 down, the tiling by density class, output width and tokens.
@@ -270,11 +308,15 @@ def test_outputs_on_lanes_candidates():
 
 
 def test_default_config_skips_candidates_that_do_not_apply():
-  # 3:6 at one token on wide outputs: "select" leads for density 1/2 but needs whole groups per
-  # (power-of-two) step; at 8 and 16 tokens the tensor-core kernels need m a power of two.
+  # 3:6 at one token on wide outputs: "select" comes second for density 1/2 but needs whole
+  # groups per (power-of-two) step; at 8 and 16 tokens the tensor-core kernels need m a power
+  # of two.
   w = _nm_weight(jax.random.key(4), 96, 2048, 3, 6, jnp.float32)
   c = compress(w, 3, 6)
-  assert candidate_configs(1, 2048, 1 / 2)[0].variant == "select"
+  select = candidate_configs(1, 2048, 1 / 2)[1]
+  assert select.variant == "select"
+  with pytest.raises(ValueError, match="'select' N:M kernel needs n=3 to divide a step"):
+    _check_config(select, c, 1)
   for tokens, variant in ((1, "gather"), (8, "gather"), (16, "gather")):
     config = default_config(tokens, c)
     assert config.variant == variant, (tokens, config)
@@ -534,6 +576,8 @@ def test_use_mask_kernel_policy(monkeypatch):
     (1, 32, 4096),
     (1, 128, 512),
     (1, 8, 4096),
+    (2, 4, 4096),
+    (1, 128, 4096),
   ],
 )
 def test_nm_matmul_on_gpu(t, n, m, o):
@@ -553,7 +597,7 @@ def _every_candidate_on_gpu(k, o, n, m, t):
 
 @needs_gpu
 @pytest.mark.parametrize("t", [1, 4, 16, 197])
-@pytest.mark.parametrize("n, m, o", [(1, 8, 2048), (1, 32, 2048), (1, 128, 512)])
+@pytest.mark.parametrize("n, m, o", [(1, 8, 2048), (1, 32, 2048), (1, 128, 512), (2, 4, 2048)])
 def test_nm_matmul_on_gpu_rows_of_three_times_a_power_of_two(t, n, m, o):
   """K = 768 (T5 1.1 base): 96, 24 and 6 kept weights per row, the outputs-on-lanes steps
   masked past the row."""
@@ -569,6 +613,7 @@ def test_nm_matmul_on_gpu_rows_of_three_times_a_power_of_two(t, n, m, o):
     SpmmConfig("dot", 32, 64, 16, tokens_in_m=True),
     SpmmConfig("gather_t", 8, 8, 16),
     SpmmConfig("gather", 16, 32, 2, outputs_on_lanes=True),
+    SpmmConfig("gather", 8, 32, 1, flat=True),
   ],
 )
 def test_nm_matmul_float32_on_gpu(config):

@@ -14,7 +14,10 @@ for bfloat16 values) and accumulating in float32:
   loaded with an evict-first hint so that they do not push ``x`` out of L1. With
   ``outputs_on_lanes`` the lanes of a warp take different outputs at one compressed column, so
   that one gather reads the inputs of one group instead of one group per lane (H100: 1:32 at 4
-  to 16 tokens 1.4x-1.8x faster, 1:128 at 197 tokens 2x; from 1:4 down).
+  to 16 tokens 1.4x-1.8x faster, 1:128 at 197 tokens 2x; from 1:4 down). With ``flat`` (one
+  token per program) the products stay a two-dimensional tile in the layout the weights were
+  loaded in (H100: one-token 2:4 on wide outputs 1.03x-1.4x faster, 1:128 at 1 to 16 tokens
+  1.2x-1.3x).
 * ``"select"`` (one token, dense patterns): the same, but without a load that waits on the
   index: each step loads the ``m`` inputs of each of its groups along with the values and
   indices, and picks each kept weight's input with a select chain over the ``m`` positions
@@ -94,6 +97,10 @@ class SpmmConfig(NamedTuple):
       column and one gather reads the inputs of one or two groups (a few 128-byte lines) instead
       of one group per lane; ``block_k`` is then capped by the row instead of dividing it (the
       last step masked); ignored by the other kernels.
+    flat: "gather" with one token per program (``block_t = 1``, outputs not on the lanes):
+      gather ``x`` with the ``(block_out, block_k)`` tile of indices itself, without a token
+      axis, so that the products keep the layout in which the weights were loaded (no
+      conversion through shared memory); ignored by the other kernels.
   """
 
   variant: str = "gather"
@@ -105,6 +112,7 @@ class SpmmConfig(NamedTuple):
   split_k: int = 1
   tokens_in_m: bool = False
   outputs_on_lanes: bool = False
+  flat: bool = False
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -335,8 +343,10 @@ def candidate_configs(
   known) the kept fraction ``density = n/m`` and ``in_features``, the default
   (:func:`default_config`) first.
 
-  * first, from density 1/4 down and where it was measured fastest, ``"gather"`` with the
-    outputs on the lanes (:func:`_lanes_config`); the items below order the rest of the list;
+  * first, up to 16 tokens on wide outputs (``O >= 2048``) from density 1/128 down, the
+    ``flat`` whole-row ``"gather"`` (:func:`_flat_rows`); then, from density 1/4 down and where
+    it was measured fastest, ``"gather"`` with the outputs on the lanes
+    (:func:`_lanes_config`); the items below order the rest of the list;
   * whole rows: where ``in_features`` is known (``C = K*density`` kept weights per output) and
     ``density <= 1/32``, up to 16 tokens: ``"gather"`` with one token per program and all ``C``
     columns of ``2048 // C`` outputs (8 warps) and of ``1024 // C`` (4 warps; first for ``C <
@@ -344,7 +354,10 @@ def candidate_configs(
     and up to 16 with at most 2^20 products ``T*O*C`` (:func:`_rows_first`); else they come last;
   * one token: ``"gather"`` with 4 outputs x 512 compressed columns for ``O >= 2048``, else 2 x
     1024 (whole rows in few steps), then twice the outputs; for ``density >= 1/2`` also
-    ``"select"`` (4 x 256), first for ``O >= 2048``;
+    ``"select"`` (4 x 256), first for ``O >= 2048`` after a ``flat`` ``"gather"`` with 8 outputs
+    x 256 columns and 8 warps (H100, 2:4, µs of GPU time in two runs: ViT-L W1 4.6 / 4.8 against
+    4.9-5.3 for ``"select"`` and the 4 x 512 ``"gather"``, 7.5 for a flat 4 x 512; T5 1.1 base
+    768x2048 2.7 against 3.8-4.0; at 2 and 4 tokens and at 1:4 and 1:8 flat tiles lost);
   * 2 to 4 tokens: ``"gather"`` with about 1K compressed columns per program and step: 4 x 256
     and 2 x 512 for ``O >= 2048`` (2 x 512 first for ``density >= 1/2``), 2 x 512 and 4 x 512
     below; for ``O < 2048`` and ``density <= 1/32`` also ``"gather_t"`` (4 outputs x 16
@@ -377,7 +390,29 @@ def candidate_configs(
   """
   lanes = _lanes_config(tokens, out_features, density)
   others = _candidates(tokens, out_features, density, in_features)
-  return others if lanes is None else (lanes, *others)
+  others = others if lanes is None else (lanes, *others)
+  flat_rows = _flat_rows(tokens, out_features, density, in_features)
+  return others if flat_rows is None else (flat_rows, *others)
+
+
+def _flat_rows(
+  tokens: int, out_features: int, density: float | None, in_features: int | None
+) -> SpmmConfig | None:
+  """The ``flat`` whole-row ``"gather"`` (:func:`_whole_rows`, 2048 products, 8 warps, one token
+  per program) where it led, else None: up to 16 tokens, ``O >= 2048``, ``density <= 1/128`` and
+  rows of a power-of-two length (one step). H100, ViT-L W1 1:128 (8 kept weights per row, 256
+  outputs per program), µs of GPU time against the outputs-on-lanes ``"gather"``: 1 token 1.7 vs
+  2.0, 2 tokens 1.7 vs 2.0, 4 1.8 vs 2.1, 8 1.9 vs 2.2, 16 1.9 vs 2.4 (the same tiling with a
+  token axis: 2.3-2.8). On W2 (``O = 1024``, 32 per row) and at 1:32 the two layouts were within
+  0.2 µs of each other, either way, and the rule leaves them."""
+  if tokens > 16 or out_features < 2048 or density is None or density > 1 / 128:
+    return None
+  if in_features is None:
+    return None
+  per_row = max(round(in_features * density), 1)
+  if per_row & (per_row - 1):
+    return None
+  return _whole_rows(out_features, per_row, 2048, 8)._replace(flat=True)
 
 
 def _candidates(
@@ -405,6 +440,8 @@ def _candidates(
   if tokens == 1 and dense_ish:
     select = SpmmConfig("select", 4, 256, 1, 4, 2)
     gather = (select, *gather) if wide else (*gather, select)
+    if wide:
+      gather = (SpmmConfig("gather", 8, 256, 1, 8, 2, flat=True), *gather)
   if tokens <= 4:
     if tokens > 1 and not wide and density is not None and density <= 1 / 32:
       gather += (SpmmConfig("gather_t", 4, 16, block_t, 2, 2),)
@@ -496,7 +533,7 @@ def _prefetched_loop(steps, load, body, acc):
 
 
 def _gather_kernel(
-  x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, outputs_on_lanes
+  x_ref, v_ref, i_ref, o_ref, *, n, m, tokens, block_out, block_k, block_t, outputs_on_lanes, flat
 ):
   """One program: ``block_out`` outputs by ``block_t`` tokens (the last tile padded).
 
@@ -508,6 +545,15 @@ def _gather_kernel(
   loaded coalesced along the columns and transposed in registers. ``block_k`` need not divide
   the row there (:func:`_check_config` caps it by the row instead): the last step is masked,
   so that rows of ``C = 3*2^j`` columns (T5's 768 inputs) still run in long steps.
+
+  With ``flat`` (one token per program, outputs not on the lanes) the products form a
+  ``(block_out, block_k)`` tile: the token is one index for the whole tile, so Triton keeps the
+  layout in which the weights were loaded instead of converting them through shared memory into
+  a three-dimensional one. H100, µs of GPU time: one token, 2:4, 8 outputs x 256 columns, ViT-L
+  W1 4.6-4.8 against 4.9-5.3 for the best tiling with a token axis, T5 768x2048 2.7 against 3.8;
+  ViT-L W1 1:128 whole rows (256 outputs x 8 columns) 1.7-1.9 against 2.2-2.8 with a token axis
+  at 1 to 16 tokens. Where the tile is wide along the columns (4 x 512) it is slower (W1 2:4 7.5):
+  each lane then gathers 16 inputs spread over 8 lines. Outputs on the lanes keep their own layout.
   """
   row0 = pl.program_id(0) * block_out
   t0 = pl.program_id(1) * block_t
@@ -529,6 +575,16 @@ def _gather_kernel(
       ragged=ragged,
     )  # fmt: skip
     return (v.T, k.T) if outputs_on_lanes else (v, k)
+
+  if flat:  # one token, (block_out, block_k) tiles
+    t2 = jnp.broadcast_to(jnp.minimum(t0, tokens - 1), (block_out, block_k))
+
+    def flat_body(_, acc, v, k):
+      return acc + jnp.sum(v * x_ref[t2, k].astype(jnp.float32), axis=1)
+
+    acc = _prefetched_loop(steps, load, flat_body, jnp.zeros((block_out,), jnp.float32))
+    _store_outputs(o_ref, acc[None, :], row0, t0, tokens)
+    return
 
   def body(_, acc, v, k):
     if outputs_on_lanes:  # v, k: (block_k, block_out); acc: (block_t, block_out)
@@ -734,10 +790,15 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
         )
     config = config._replace(block_out=block_out, block_k=block_k, tokens_in_m=False)
     if config.variant != "gather":
-      config = config._replace(outputs_on_lanes=False)
+      config = config._replace(outputs_on_lanes=False, flat=False)
     if config.variant in ("gather", "select"):  # no split; "select": all tokens in one program
       all_tokens = _pow2_at_least(tokens)
       block_t = all_tokens if config.variant == "select" else min(config.block_t, all_tokens)
+      if config.flat and (block_t != 1 or config.outputs_on_lanes):
+        raise ValueError(
+          f"SpmmConfig.flat=True needs one token per program and the outputs off the lanes, got "
+          f"block_t={block_t} (for {tokens} tokens), outputs_on_lanes={config.outputs_on_lanes}"
+        )
       return config._replace(block_t=block_t, split_k=1)
     return config._replace(
       block_t=min(config.block_t, _pow2_at_least(tokens)),
@@ -755,6 +816,7 @@ def _check_config(config: SpmmConfig, c: NMCompressed, tokens: int) -> SpmmConfi
     block_t=min(config.block_t, _pow2_at_least(tokens)),
     split_k=split_k,
     outputs_on_lanes=False,
+    flat=False,
   )
 
 
@@ -770,7 +832,9 @@ def _nm_matmul_2d(x, values, index, *, n, m, config, interpret):
   if config.variant in ("gather", "select"):
     body = _select_kernel
     if config.variant == "gather":
-      body = functools.partial(_gather_kernel, outputs_on_lanes=config.outputs_on_lanes)
+      body = functools.partial(
+        _gather_kernel, outputs_on_lanes=config.outputs_on_lanes, flat=config.flat
+      )
     kernel = functools.partial(body, **kwargs)
     grid = (out_features // config.block_out, _cdiv(tokens, config.block_t))
   elif config.variant == "gather_t":
