@@ -552,8 +552,8 @@ def _gather_kernel(
   a three-dimensional one. H100, µs of GPU time: one token, 2:4, 8 outputs x 256 columns, ViT-L
   W1 4.6-4.8 against 4.9-5.3 for the best tiling with a token axis, T5 768x2048 2.7 against 3.8;
   ViT-L W1 1:128 whole rows (256 outputs x 8 columns) 1.7-1.9 against 2.2-2.8 with a token axis
-  at 1 to 16 tokens. Where the tile is wide along the columns (4 x 512) it is slower (W1 2:4 7.5):
-  each lane then gathers 16 inputs spread over 8 lines. Outputs on the lanes keep their own layout.
+  at 1 to 16 tokens. Where the tile is wide along the columns (4 x 512) it is slower (W1 2:4 7.5,
+  presumably one gather instruction spanning more lines). Outputs on the lanes keep their layout.
   """
   row0 = pl.program_id(0) * block_out
   t0 = pl.program_id(1) * block_t
