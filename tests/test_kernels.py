@@ -250,14 +250,14 @@ def test_whole_row_candidates():
 
 def test_flat_candidates():
   flat = functools.partial(SpmmConfig, "gather", num_stages=2, flat=True)
-  # Up to 16 tokens, wide outputs, 1:128 with a power-of-two row: flat whole rows of 2048
+  # Up to 64 tokens, wide outputs, 1:128 with a power-of-two row: flat whole rows of 2048
   # products first, then the outputs-on-lanes gather.
-  for t in (1, 2, 16):
+  for t in (1, 2, 16, 64):
     configs = candidate_configs(t, 4096, 1 / 128, 1024)
     assert configs[0] == flat(256, 8, 1, 8) and configs[1].outputs_on_lanes
-  # Not without the row length, past 16 tokens, on narrow outputs, above 1/128, nor for rows of
+  # Not without the row length, past 64 tokens, on narrow outputs, above 1/128, nor for rows of
   # six (T5's 768 inputs at 1:128: not one step).
-  cases = [(1, 4096, 1 / 128), (17, 4096, 1 / 128, 1024), (1, 1024, 1 / 128, 4096)]
+  cases = [(1, 4096, 1 / 128), (65, 4096, 1 / 128, 1024), (1, 1024, 1 / 128, 4096)]
   cases += [(1, 4096, 1 / 64, 1024), (1, 2048, 1 / 128, 768), (16, 4096, 1 / 2, 1024)]
   for args in cases:
     assert not any(c.flat for c in candidate_configs(*args)), args

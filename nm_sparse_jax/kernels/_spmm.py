@@ -16,8 +16,8 @@ for bfloat16 values) and accumulating in float32:
   that one gather reads the inputs of one group instead of one group per lane (H100: 1:32 at 4
   to 16 tokens 1.4x-1.8x faster, 1:128 at 197 tokens 2x; from 1:4 down). With ``flat`` (one
   token per program) the products stay a two-dimensional tile in the layout the weights were
-  loaded in (H100: one-token 2:4 on wide outputs 1.03x-1.4x faster, 1:128 at 1 to 16 tokens
-  1.2x-1.3x).
+  loaded in (H100: one-token 2:4 on wide outputs 1.03x-1.4x faster, 1:128 at 1 to 64 tokens
+  1.06x-1.4x).
 * ``"select"`` (one token, dense patterns): the same, but without a load that waits on the
   index: each step loads the ``m`` inputs of each of its groups along with the values and
   indices, and picks each kept weight's input with a select chain over the ``m`` positions
@@ -343,7 +343,7 @@ def candidate_configs(
   known) the kept fraction ``density = n/m`` and ``in_features``, the default
   (:func:`default_config`) first.
 
-  * first, up to 16 tokens on wide outputs (``O >= 2048``) from density 1/128 down, the
+  * first, up to 64 tokens on wide outputs (``O >= 2048``) from density 1/128 down, the
     ``flat`` whole-row ``"gather"`` (:func:`_flat_rows`); then, from density 1/4 down and where
     it was measured fastest, ``"gather"`` with the outputs on the lanes
     (:func:`_lanes_config`); the items below order the rest of the list;
@@ -399,13 +399,15 @@ def _flat_rows(
   tokens: int, out_features: int, density: float | None, in_features: int | None
 ) -> SpmmConfig | None:
   """The ``flat`` whole-row ``"gather"`` (:func:`_whole_rows`, 2048 products, 8 warps, one token
-  per program) where it led, else None: up to 16 tokens, ``O >= 2048``, ``density <= 1/128`` and
+  per program) where it led, else None: up to 64 tokens, ``O >= 2048``, ``density <= 1/128`` and
   rows of a power-of-two length (one step). H100, ViT-L W1 1:128 (8 kept weights per row, 256
   outputs per program), µs of GPU time against the outputs-on-lanes ``"gather"``: 1 token 1.7 vs
-  2.0, 2 tokens 1.7 vs 2.0, 4 1.8 vs 2.1, 8 1.9 vs 2.2, 16 1.9 vs 2.4 (the same tiling with a
-  token axis: 2.3-2.8). On W2 (``O = 1024``, 32 per row) and at 1:32 the two layouts were within
-  0.2 µs of each other, either way, and the rule leaves them."""
-  if tokens > 16 or out_features < 2048 or density is None or density > 1 / 128:
+  2.0, 2 tokens 1.7 vs 2.0, 4 1.8 vs 2.1, 8 1.9 vs 2.2, 16 1.9 vs 2.4, 32 2.1 vs 2.9, 64 2.4 vs
+  2.6 (the same tiling with a token axis: 2.3-5.2); at 197 tokens it lost (5.0 vs 4.6). On W2
+  (``O = 1024``, 32 per row) flat rows were up to 0.3 µs faster at 2 to 8 tokens and at 64, slower
+  at 32 and 197; on W1 1:32 a little faster at 4 and 8 tokens, slower at 32: the rule leaves
+  both."""
+  if tokens > 64 or out_features < 2048 or density is None or density > 1 / 128:
     return None
   if in_features is None:
     return None
@@ -551,8 +553,8 @@ def _gather_kernel(
   layout in which the weights were loaded instead of converting them through shared memory into
   a three-dimensional one. H100, µs of GPU time: one token, 2:4, 8 outputs x 256 columns, ViT-L
   W1 4.6-4.8 against 4.9-5.3 for the best tiling with a token axis, T5 768x2048 2.7 against 3.8;
-  ViT-L W1 1:128 whole rows (256 outputs x 8 columns) 1.7-1.9 against 2.2-2.8 with a token axis
-  at 1 to 16 tokens. Where the tile is wide along the columns (4 x 512) it is slower (W1 2:4 7.5,
+  ViT-L W1 1:128 whole rows (256 outputs x 8 columns) 1.7-2.4 against 2.2-5.2 with a token axis
+  at 1 to 64 tokens. Where the tile is wide along the columns (4 x 512) it is slower (W1 2:4 7.5,
   presumably one gather instruction spanning more lines). Outputs on the lanes keep their layout.
   """
   row0 = pl.program_id(0) * block_out
