@@ -596,6 +596,14 @@ def _every_candidate_on_gpu(k, o, n, m, t):
 
 
 @needs_gpu
+@pytest.mark.parametrize("t", [32, 64])
+def test_nm_matmul_on_gpu_flat_rows_at_many_tokens(t):
+  """1:128 on 4096 outputs at 32 and 64 tokens: flat whole rows, one token per program."""
+  assert candidate_configs(t, 4096, 1 / 128, 1024)[0].flat
+  _every_candidate_on_gpu(1024, 4096, 1, 128, t)
+
+
+@needs_gpu
 @pytest.mark.parametrize("t", [1, 4, 16, 197])
 @pytest.mark.parametrize("n, m, o", [(1, 8, 2048), (1, 32, 2048), (1, 128, 512), (2, 4, 2048)])
 def test_nm_matmul_on_gpu_rows_of_three_times_a_power_of_two(t, n, m, o):
