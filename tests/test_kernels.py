@@ -46,7 +46,7 @@ def _rest(*args):
   ``"gather"`` that lead where they apply (:func:`test_flat_candidates`,
   :func:`test_outputs_on_lanes_candidates`)."""
   configs = candidate_configs(*args)
-  configs = configs[1:] if configs[0] == _flat_rows(*args, *(None,) * (4 - len(args))) else configs
+  configs = configs[1:] if configs[0] == _flat_rows(*args) else configs
   return configs[1:] if configs[0].outputs_on_lanes else configs
 
 

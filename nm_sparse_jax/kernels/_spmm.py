@@ -395,8 +395,13 @@ def candidate_configs(
   return others if flat_rows is None else (flat_rows, *others)
 
 
+def _kept_per_row(in_features: int, density: float) -> int:
+  """``C``, the kept weights per output: ``K * n/m``, at least 1."""
+  return max(round(in_features * density), 1)
+
+
 def _flat_rows(
-  tokens: int, out_features: int, density: float | None, in_features: int | None
+  tokens: int, out_features: int, density: float | None = None, in_features: int | None = None
 ) -> SpmmConfig | None:
   """The ``flat`` whole-row ``"gather"`` (:func:`_whole_rows`, 2048 products, 8 warps, one token
   per program) where it led, else None: up to 64 tokens, ``O >= 2048``, ``density <= 1/128`` and
@@ -407,11 +412,11 @@ def _flat_rows(
   (``O = 1024``, 32 per row) flat rows were up to 0.3 µs faster at 2 to 8 tokens and at 64, slower
   at 32 and 197; on W1 1:32 a little faster at 4 and 8 tokens, slower at 32: the rule leaves
   both."""
-  if tokens > 64 or out_features < 2048 or density is None or density > 1 / 128:
+  if tokens > 64 or out_features < 2048 or in_features is None:
     return None
-  if in_features is None:
+  if density is None or density > 1 / 128:
     return None
-  per_row = max(round(in_features * density), 1)
+  per_row = _kept_per_row(in_features, density)
   if per_row & (per_row - 1):
     return None
   return _whole_rows(out_features, per_row, 2048, 8)._replace(flat=True)
@@ -427,7 +432,7 @@ def _candidates(
   dense_ish = density is not None and density >= 1 / 2
   rows, lead = (), False
   if in_features is not None and density is not None and density <= 1 / 32 and tokens <= 16:
-    per_row = max(round(in_features * density), 1)
+    per_row = _kept_per_row(in_features, density)
     rows = tuple(_whole_rows(out_features, per_row, p, w) for p, w in ((2048, 8), (1024, 4)))
     rows = rows[::-1] if per_row < 32 else rows
     lead = _rows_first(tokens, out_features, per_row)
